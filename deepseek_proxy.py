@@ -1,0 +1,1470 @@
+#!/usr/bin/env python3
+"""deepseek-proxy: an OpenAI-compatible proxy for DeepSeek that cuts what agents spend.
+
+Point any OpenAI client (the OpenAI SDKs, VS Code Copilot's custom endpoint, Cline, Roo, Continue,
+Aider) at http://127.0.0.1:8000/v1. Every chat request is rewritten by a fixed PIPELINE of stages and
+forwarded to DeepSeek with urllib; streamed answers are relayed event by event as they arrive.
+
+The pipeline, in order of work (each stage is one function below, each can be switched off):
+  normalise_messages      make the request valid for DeepSeek (developer role, unknown keys)
+  restore_reasoning       give back the reasoning_content of earlier assistant turns, which
+                          DeepSeek's thinking mode with tools demands and most clients drop
+  dedup_boilerplate       remove repeated XML-tagged boilerplate blocks (F-1, SHA-256 fingerprints)
+  dedup_tool_outputs      a tool result equal to an earlier one becomes a one-line reference
+  dedup_markdown_blocks   a fenced code block equal to an earlier one becomes a reference
+  compress_system_prompt  send a DeepSeek-made summary of a long system prompt (pre_sys/, post_sys/)
+  summarise_over_budget   replace older turns by a summary when the conversation passes the budget
+
+DeepSeek bills a cached prompt prefix at a fifth of the price of a miss, and clients resend
+their history append-only. So every stage is a deterministic function of the history that never
+rewrites what it produced for earlier messages: what was sent once is sent byte-identical again.
+
+All model parameters a client sends are ignored: the model, max_tokens and thinking mode come from the
+configuration block below (each constant is also a command-line flag, see --help).
+
+The DeepSeek key comes from the environment variable DEEPSEEK_API_KEY, else from the file K.dat.
+This proxy spends that key for whoever can reach it: it listens on 127.0.0.1 by default. Do not expose
+it to the internet.
+
+Standard library only. License: MIT.
+"""
+
+import argparse
+import collections
+import hashlib
+import hmac
+import http.server
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+__version__ = "0.1.0"
+
+# =====================================================================================================
+# Configuration. Every constant in this block is also a command-line flag (--lower-case-name, or the
+# name in FLAG_NAMES); its comment is the flag's help. Nothing else in the file defines a knob.
+# =====================================================================================================
+
+# -- Upstream and model (these override whatever the client asks for)
+DEEPSEEK_BASE = "https://api.deepseek.com"  # upstream base URL (env DEEPSEEK_BASE_URL sets the default)
+DEFAULT_MODEL = "deepseek-v4-flash"  # model every request is sent to, whatever the client names
+MAX_OUTPUT_TOKENS = 128000  # tokens; forced max_tokens of every answer (reasoning included)
+THINKING_MODE = "auto"  # enabled | disabled | auto (on, except when tool_choice forces a tool)
+REASONING_EFFORT = ""  # low | high | max, sent upstream when set; empty: DeepSeek's default
+UPSTREAM_TIMEOUT = 900.0  # seconds a socket read from DeepSeek may stall before the call fails
+UPSTREAM_MAX_RETRIES = 2  # retries of 429/5xx/connection errors before any byte reached the client
+UPSTREAM_RETRY_BASE_SLEEP = 1.0  # seconds before the first retry, doubled each attempt
+
+# -- Reasoning cache (thinking mode with tools)
+MAX_CACHE_SIZE = 500  # entries in the reasoning_content LRU
+PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache.jsonl across restarts
+
+# -- Deduplication
+DEDUP_BOILERPLATE = True  # remove XML boilerplate blocks already sent earlier in the conversation (F-1)
+MAX_FINGERPRINT_HISTORY = 100  # segments remembered per conversation (LRU) by the boilerplate stage
+MIN_SEGMENT_CHARS = 400  # characters; plain paragraphs at least this long are fingerprinted too
+DEDUP_TOOL_OUTPUTS = True  # a tool result equal to an earlier one becomes a reference to it
+MIN_TOOL_OUTPUT_CHARS = 200  # characters; shorter tool results are always sent in full
+MARKDOWN_DEDUP = "first"  # off | first (cache-safe) | latest (keeps the last copy, rewrites history) | auto
+MIN_BLOCK_CHARS = 200  # characters; shorter fenced blocks are never replaced
+
+# -- System-prompt compression
+COMPRESS_SYSTEM = False  # summarise long system prompts once through DeepSeek and send the summary
+SYSTEM_MIN_CHARS = 8000  # characters; shorter system prompts are sent as they are
+SYSTEM_MAX_RATIO = 0.7  # a summary longer than this fraction of the original is rejected
+SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the original, summarise behind
+SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summary call
+
+# -- Conversation summarisation
+SUMMARISE = True  # summarise older turns when a conversation passes SUMMARY_RATIO x MAX_CONTEXT
+MAX_CONTEXT = 128000  # tokens the proxy budgets one conversation to
+SUMMARY_RATIO = 0.8  # fraction of MAX_CONTEXT that triggers summarisation
+TAIL_RATIO = 0.25  # fraction of MAX_CONTEXT of recent turns always kept verbatim
+SUMMARY_MODEL = DEFAULT_MODEL  # model of the proxy's own summarisation calls
+SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
+SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeouts
+SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
+UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
+
+# -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
+DATA_DIR = "."  # folder of the proxy's files and caches
+SAVE_PREPOST_MSGS = False  # dump each request as received (pre_msg/) and as sent upstream (post_msg/)
+SAVE_PREPOST_SYSTEM = True  # keep original system prompts in pre_sys/ beside their summaries
+MAX_DUMP_FILES = 1000  # message dumps kept per folder; the oldest are removed
+
+# -- Prices, USD per 1M tokens (deepseek-v4-flash list price at launch)
+PRICE_INPUT_CACHE_HIT = 0.028  # USD per 1M prompt tokens served from DeepSeek's prefix cache
+PRICE_INPUT_CACHE_MISS = 0.14  # USD per 1M prompt tokens not in the cache
+PRICE_OUTPUT = 0.28  # USD per 1M completion tokens (reasoning included)
+
+# -- Server
+HOST = "127.0.0.1"  # address to listen on; anything but loopback needs --proxy-key or --allow-open
+PORT = 8000  # port to listen on (0: any free port, printed at start)
+PROXY_KEY = ""  # bearer key clients must send (env PROXY_API_KEY); empty: any key is accepted
+ALLOW_OPEN = False  # allow a non-loopback HOST without PROXY_KEY
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # bytes; larger request bodies get 413 without being read
+CLIENT_TIMEOUT = 120.0  # seconds a client may stall while sending its request
+SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish after SIGTERM/SIGINT
+LOG_LEVEL = "INFO"  # DEBUG | INFO | WARNING | ERROR
+
+# -- End of the flag block.
+
+FLAG_NAMES = {"DEEPSEEK_BASE": "upstream"}  # flags not named after their constant
+CHOICES = {
+    "THINKING_MODE": ("enabled", "disabled", "auto"),
+    "REASONING_EFFORT": ("", "low", "high", "max"),
+    "MARKDOWN_DEDUP": ("off", "first", "latest", "auto"),
+    "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+# Boilerplate blocks clients repeat in message after message: tag name -> (open tag, close tag).
+# The open tag may carry attributes (<attachment filePath="...">). Extend with --boilerplate-tag NAME.
+BOILERPLATE_PATTERNS = {
+    name: ("<%s>" % name, "</%s>" % name)
+    for name in (
+        "environment_info", "workspace_info", "userMemory", "sessionMemory", "repoMemory",
+        "reminderInstructions", "environment_details", "system-reminder", "attachments",
+        "attachment", "instructions", "toolUseInstructions", "editFileInstructions",
+        "outputFormatting", "memoryInstructions", "custom_instructions",
+    )
+}
+
+DATA_SUBDIRS = ("pre_sys", "post_sys", "pre_msg", "post_msg")
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+MODEL_PATHS = ("/v1/models", "/models")
+
+
+def config_help():
+    """Flag help from this file's own configuration block: NAME = value  # help."""
+    helps = {}
+    try:
+        with open(os.path.abspath(__file__), encoding="utf-8") as source:
+            for line in source:
+                match = re.match(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", line)
+                if match:
+                    helps[match.group(1)] = match.group(2)
+                if line.startswith("# -- End of the flag block"):
+                    break
+    except OSError:
+        pass
+    return helps
+
+
+def parse_args(argv=None):
+    """Build one flag per configuration constant and write the parsed values back into the module."""
+    helps = config_help()
+    parser = argparse.ArgumentParser(
+        description="OpenAI-compatible proxy for DeepSeek that cuts tokens and cost.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module = globals()
+    env_defaults = {"DEEPSEEK_BASE": os.environ.get("DEEPSEEK_BASE_URL"),
+                    "PROXY_KEY": os.environ.get("PROXY_API_KEY")}
+    for name, help_text in helps.items():
+        default = env_defaults.get(name) or module[name]
+        flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
+        kwargs = {"dest": name, "default": default, "help": help_text}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = type(module[name])
+            if name in CHOICES:
+                kwargs["choices"] = CHOICES[name]
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument("--boilerplate-tag", action="append", default=[], metavar="NAME",
+                        help="another XML tag whose blocks count as boilerplate (repeatable)")
+    args = parser.parse_args(argv)
+    for name in helps:
+        module[name] = getattr(args, name)
+    for name in args.boilerplate_tag:
+        BOILERPLATE_PATTERNS[name] = ("<%s>" % name, "</%s>" % name)
+    return args
+
+
+# =====================================================================================================
+# Small utilities: logging, hashing, atomic files, a thread-safe LRU, token estimates, error bodies.
+# =====================================================================================================
+
+log = logging.getLogger("deepseek_proxy")
+
+
+def sha256_text(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def data_path(*parts):
+    return os.path.join(DATA_DIR, *parts)
+
+
+_disk_warned = set()
+
+
+def warn_once(what, error):
+    """Disk trouble is reported once per kind, then the feature quietly does without the disk."""
+    if what not in _disk_warned:
+        _disk_warned.add(what)
+        log.warning("%s: %s (continuing without it)", what, error)
+
+
+def atomic_write(path, text):
+    """Write a file so that readers see the old or the new content, never half of it."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_text(path):
+    """A file's text, or None when it is missing, unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.strip() else None
+
+
+class LRU:
+    """A thread-safe bounded mapping; the least recently used entry goes first."""
+
+    def __init__(self, capacity):
+        self.capacity = max(1, int(capacity))
+        self._items = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value):
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self):
+        with self._lock:
+            return len(self._items)
+
+    def items(self):
+        with self._lock:
+            return list(self._items.items())
+
+
+_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
+_DENSE = re.compile(r"[{}\[\]()<>:;,=\"'`|\\/*+#@$%^&~-]")
+
+
+def estimate_tokens(text):
+    """DeepSeek tokens in a text: ~3.3 prose characters per token, CJK ~0.6 token per character,
+    punctuation-heavy code and JSON denser. Scaled by the calibration learnt from real usage."""
+    if not text:
+        return 0
+    cjk = len(_CJK.findall(text)) if not text.isascii() else 0
+    dense = len(_DENSE.findall(text))
+    plain = len(text) - cjk - dense
+    return int((plain / 3.6 + dense * 0.6 + cjk * 0.6) * token_calibration.factor) + 1
+
+
+class TokenCalibration:
+    """Ratio of DeepSeek's prompt_tokens to our estimate, learnt as a moving average."""
+
+    def __init__(self):
+        self.factor = 1.0
+        self.last_error = None
+        self._lock = threading.Lock()
+
+    def observe(self, estimated, actual):
+        if not estimated or not actual:
+            return
+        with self._lock:
+            raw = actual / (estimated / self.factor)
+            self.last_error = (estimated - actual) / actual
+            self.factor = min(3.0, max(0.33, 0.7 * self.factor + 0.3 * raw))
+
+
+token_calibration = TokenCalibration()
+
+
+def content_text(content):
+    """The text of a message content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def map_content_text(content, transform):
+    """Apply transform to each text of a content (the string, or each text part); new object."""
+    if isinstance(content, str):
+        return transform(content)
+    if isinstance(content, list):
+        return [dict(part, text=transform(part["text"]))
+                if isinstance(part, dict) and isinstance(part.get("text"), str) else part
+                for part in content]
+    return content
+
+
+def message_tokens(message):
+    tokens = 4 + estimate_tokens(content_text(message.get("content")))
+    tokens += estimate_tokens(message.get("reasoning_content") or "")
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        tokens += 8 + estimate_tokens(str(function.get("name", "")) + str(function.get("arguments", "")))
+    return tokens
+
+
+def messages_tokens(messages, tools=None):
+    total = sum(message_tokens(message) for message in messages)
+    if tools:
+        total += estimate_tokens(json.dumps(tools, ensure_ascii=False))
+    return total
+
+
+def error_body(message, error_type="invalid_request_error", code=None, param=None):
+    """The one place that knows the OpenAI/DeepSeek error envelope."""
+    return {"error": {"message": message, "type": error_type, "param": param,
+                      "code": code or error_type}}
+
+
+def usage_cost(usage):
+    """USD billed for one DeepSeek usage object."""
+    if not usage:
+        return 0.0
+    hit = usage.get("prompt_cache_hit_tokens") or 0
+    miss = usage.get("prompt_cache_miss_tokens")
+    if miss is None:
+        miss = max(0, (usage.get("prompt_tokens") or 0) - hit)
+    return (hit * PRICE_INPUT_CACHE_HIT + miss * PRICE_INPUT_CACHE_MISS
+            + (usage.get("completion_tokens") or 0) * PRICE_OUTPUT) / 1e6
+
+
+def load_api_key():
+    """DEEPSEEK_API_KEY, else the first non-empty, non-comment line of K.dat (data dir, then script dir)."""
+    key = os.environ.get("DEEPSEEK_API_KEY", "").strip()
+    if key:
+        return key
+    for folder in (DATA_DIR, SCRIPT_DIR):
+        text = read_text(os.path.join(folder, "K.dat"))
+        for line in (text or "").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                return line
+    return ""
+
+
+# =====================================================================================================
+# Conversation state. The proxy needs no conversation id from the client: every stage works from the
+# history the request carries. What survives between requests is keyed by what the client sends back:
+#   reasoning_cache  tool-call id (or hash of the preceding message + the answer text) -> reasoning
+#   summary_cache    SHA-256 of exactly the messages a summary replaced -> the summary
+#   post_sys/        SHA-256 of a system prompt -> its summary, on disk
+# =====================================================================================================
+
+def normalise_answer_text(text):
+    """Clients echo an answer back with whitespace trimmed; compare answers without it."""
+    return "\n".join(line.rstrip() for line in (text or "").strip().splitlines())
+
+
+def reasoning_key(message, previous):
+    """The one key of an assistant turn in the reasoning cache, for writing and for reading.
+
+    A turn with tool calls is found by its first call id: DeepSeek makes them unique and every
+    client sends them back verbatim. A text-only turn is found by its trimmed text together with the
+    message it answered, so that two conversations that both answered "Done." do not share reasoning.
+    """
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]:
+            return "call:" + call["id"]
+    answer = normalise_answer_text(content_text(message.get("content")))
+    if not answer:
+        return None
+    asked = ""
+    if previous is not None:
+        asked = previous.get("tool_call_id") or normalise_answer_text(content_text(previous.get("content")))
+    return "text:" + sha256_text(asked + "\x00" + answer)
+
+
+class ReasoningCache:
+    """LRU of reasoning_content by reasoning_key, optionally mirrored to an append-only JSONL file.
+
+    Each new entry is appended as one line (cheap and crash-safe); the file is rewritten compactly
+    when it holds more than twice the capacity. A corrupt line is skipped.
+    """
+
+    def __init__(self, capacity, path=None):
+        self.entries = LRU(capacity)
+        self.path = path
+        self._file_lock = threading.Lock()
+        self._lines = 0
+
+    def load(self):
+        if not self.path or not os.path.exists(self.path):
+            return
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                for line in handle:
+                    self._lines += 1
+                    try:
+                        entry = json.loads(line)
+                        self.entries.put(entry["k"], entry["r"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        except (OSError, UnicodeDecodeError) as error:
+            warn_once("reading the reasoning cache " + self.path, error)
+        log.info("reasoning cache: %d entries loaded from %s", len(self.entries), self.path)
+
+    def recall(self, key):
+        return self.entries.get(key) if key else None
+
+    def remember(self, key, reasoning):
+        if not key or reasoning is None or self.entries.get(key) == reasoning:
+            return
+        self.entries.put(key, reasoning)
+        if self.path:
+            self._append(json.dumps({"k": key, "r": reasoning}, ensure_ascii=False) + "\n")
+
+    def _append(self, line):
+        with self._file_lock:
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(line)
+                self._lines += 1
+                if self._lines > 2 * self.entries.capacity:
+                    self._compact()
+            except OSError as error:
+                warn_once("writing the reasoning cache " + self.path, error)
+
+    def _compact(self):
+        items = self.entries.items()
+        atomic_write(self.path, "".join(json.dumps({"k": k, "r": r}, ensure_ascii=False) + "\n"
+                                        for k, r in items))
+        self._lines = len(items)
+
+
+reasoning_cache = ReasoningCache(MAX_CACHE_SIZE)
+
+
+class RequestContext:
+    """What one request's stages know and record: decisions, savings, counters for the log."""
+
+    def __init__(self, body):
+        self.request_id = uuid.uuid4().hex[:12]
+        self.tools = body.get("tools") or None
+        self.thinking = thinking_enabled(body)
+        self.saved = collections.Counter()  # stage name -> estimated tokens removed
+        self.reasoning_restored = 0
+        self.reasoning_filled = 0
+        self.notes = []  # short remarks for the log line and the X-Proxy-Notes header
+        self.normalised = None  # the messages after normalise_messages, as the client meant them
+        self.tokens_in = 0  # estimated prompt tokens as the client sent them
+        self.tokens_out = 0  # estimated prompt tokens after the pipeline
+
+    def removed(self, stage, text):
+        self.saved[stage] += estimate_tokens(text)
+
+
+def thinking_enabled(body):
+    """THINKING_MODE decides; auto is on except where DeepSeek's thinking mode rejects the request
+    (tool_choice 'required' or a named tool), which then goes with thinking disabled, not failed."""
+    if THINKING_MODE != "auto":
+        return THINKING_MODE == "enabled"
+    choice = body.get("tool_choice")
+    return not (choice == "required" or isinstance(choice, dict))
+
+
+# =====================================================================================================
+# Pipeline stages. Each takes the messages and the RequestContext and returns new messages; none
+# mutates its input, and each records what it removed in ctx. run_pipeline() keeps a failing stage's
+# input, so no stage can break a request. PIPELINE, at the end of this section, is the order of work.
+# =====================================================================================================
+
+MESSAGE_KEYS = {
+    "system": ("role", "content", "name"),
+    "user": ("role", "content", "name"),
+    "assistant": ("role", "content", "name", "reasoning_content", "tool_calls", "prefix"),
+    "tool": ("role", "content", "tool_call_id"),
+}
+ROLE_ALIASES = {"developer": "system"}
+
+
+def normalise_part(part):
+    if part.get("type") == "text":
+        return {"type": "text", "text": part["text"]}
+    return {key: part[key] for key in ("type", "image_url", "input_audio", "file") if key in part}
+
+
+def normalise_tool_call(call):
+    function = call.get("function") or {}
+    arguments = function.get("arguments", "")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": call.get("id"), "type": call.get("type") or "function",
+            "function": {"name": function.get("name"), "arguments": arguments}}
+
+
+def normalise_messages(messages, ctx):
+    """Make the client's messages valid for DeepSeek: role developer becomes system, keys DeepSeek
+    does not define (copilot_cache_control, cot_id, cache_control on parts, ...) go, tool-call
+    arguments are strings. Content stays a string or a list of parts, as the client sent it."""
+    result = []
+    for message in messages:
+        role = ROLE_ALIASES.get(message["role"], message["role"])
+        clean = {"role": role}
+        for key in MESSAGE_KEYS[role][1:]:
+            if key in message:
+                clean[key] = message[key]
+        if isinstance(clean.get("content"), list):
+            clean["content"] = [normalise_part(part) for part in clean["content"]]
+        if role == "assistant":
+            if clean.get("tool_calls"):
+                clean["tool_calls"] = [normalise_tool_call(call) for call in clean["tool_calls"]]
+            else:
+                clean.pop("tool_calls", None)
+            if "content" not in clean:
+                clean["content"] = None
+        result.append(clean)
+    ctx.normalised = result
+    return result
+
+
+def restore_reasoning(messages, ctx):
+    """Give each earlier assistant turn its reasoning_content back when thinking is on and the
+    request has tools (DeepSeek answers 400 otherwise). Unknown reasoning (a restart without the
+    cache file, an eviction, a turn from another model) becomes "", which DeepSeek accepts. Without
+    tools or without thinking DeepSeek ignores the field, so nothing is added: no bytes, no tokens."""
+    if not (ctx.thinking and ctx.tools):
+        return messages
+    result = []
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant" and message.get("reasoning_content") is None:
+            previous = messages[index - 1] if index else None
+            reasoning = reasoning_cache.recall(reasoning_key(message, previous))
+            if reasoning is None:
+                reasoning = ""
+                ctx.reasoning_filled += 1
+            else:
+                ctx.reasoning_restored += 1
+            message = dict(message, reasoning_content=reasoning)
+        result.append(message)
+    return result
+
+
+def boilerplate_regex():
+    """One regex matching any block of BOILERPLATE_PATTERNS, attributes on the open tag allowed."""
+    alternatives = []
+    for open_tag, close_tag in BOILERPLATE_PATTERNS.values():
+        opening = re.escape(open_tag[:-1]) + r"(?:\s[^>]*)?>" if open_tag.endswith(">") else re.escape(open_tag)
+        alternatives.append(opening + r".*?" + re.escape(close_tag))
+    return re.compile("|".join("(?:%s)" % alt for alt in alternatives), re.DOTALL)
+
+
+_boilerplate_cache = {}
+
+
+def find_boilerplate(text):
+    key = tuple(BOILERPLATE_PATTERNS.items())
+    if key not in _boilerplate_cache:
+        _boilerplate_cache.clear()
+        _boilerplate_cache[key] = boilerplate_regex()
+    return _boilerplate_cache[key].finditer(text)
+
+
+PLACEHOLDER = "[repeated context omitted]"
+
+
+def dedup_boilerplate(messages, ctx):
+    """F-1: a boilerplate block (BOILERPLATE_PATTERNS) in a user or tool message whose SHA-256 was
+    seen earlier in the same conversation is removed; a message left empty gets a short placeholder.
+
+    The conversation is the history the request carries, scanned from the start with a bounded LRU
+    of MAX_FINGERPRINT_HISTORY fingerprints. So the result depends on nothing but that history: a
+    restart or a second client gives the same bytes, and earlier messages come out as they did before.
+    """
+    if not DEDUP_BOILERPLATE:
+        return messages
+    seen = collections.OrderedDict()
+    result = []
+
+    def strip_seen(text):
+        pieces, last = [], 0
+        for match in find_boilerplate(text):
+            fingerprint = hashlib.sha256(match.group(0).encode("utf-8", "surrogatepass")).digest()
+            if fingerprint in seen:
+                seen.move_to_end(fingerprint)
+                pieces.append(text[last:match.start()])
+                last = match.end()
+                ctx.removed("dedup_boilerplate", match.group(0))
+            else:
+                seen[fingerprint] = True
+                if len(seen) > MAX_FINGERPRINT_HISTORY:
+                    seen.popitem(last=False)
+        if not last:
+            return text
+        pieces.append(text[last:])
+        return re.sub(r"\n{3,}", "\n\n", "".join(pieces)).strip() or ""
+
+    for message in messages:
+        if message["role"] in ("user", "tool") and message.get("content"):
+            content = map_content_text(message["content"], strip_seen)
+            if content != message["content"]:
+                if not content_text(content).strip() and not has_non_text_parts(content):
+                    content = PLACEHOLDER if isinstance(content, str) else [{"type": "text", "text": PLACEHOLDER}]
+                message = dict(message, content=content)
+        result.append(message)
+    return result
+
+
+def has_non_text_parts(content):
+    return isinstance(content, list) and any(part.get("type") != "text" for part in content)
+
+
+def dedup_tool_outputs(messages, ctx):
+    """A tool result byte-identical to an earlier one (a file read again) becomes a one-line
+    reference to the earlier call. The first copy always stays: earlier bytes never change."""
+    if not DEDUP_TOOL_OUTPUTS:
+        return messages
+    call_names = {}
+    first_seen = {}
+    result = []
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
+        text = content_text(message.get("content")) if message["role"] == "tool" else ""
+        if len(text) >= MIN_TOOL_OUTPUT_CHARS and not has_non_text_parts(message.get("content")):
+            fingerprint = sha256_text(text)
+            earlier = first_seen.get(fingerprint)
+            if earlier is None:
+                first_seen[fingerprint] = message.get("tool_call_id")
+            else:
+                reference = "[Same output as tool call %s (%s) above, unchanged.]" % (
+                    earlier, call_names.get(earlier, "tool"))
+                ctx.removed("dedup_tool_outputs", text)
+                message = dict(message, content=reference)
+        result.append(message)
+    return result
+
+
+_FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$")
+
+
+def find_fenced_blocks(text):
+    """(start, end, fence, info, body) of each closed fenced code block, by character offsets."""
+    blocks, offset, opening = [], 0, None
+    for line in text.splitlines(keepends=True):
+        stripped = line.rstrip("\r\n")
+        match = _FENCE.match(stripped)
+        if opening is None:
+            if match and not (match.group(2)[0] == "`" and "`" in match.group(3)):
+                opening = (offset, match.group(2), match.group(3).strip(), offset + len(line))
+        elif match and match.group(2)[0] == opening[1][0] and len(match.group(2)) >= len(opening[1]) \
+                and not match.group(3).strip():
+            start, fence, info, body_start = opening
+            blocks.append((start, offset + len(stripped), fence, info, text[body_start:offset]))
+            opening = None
+        offset += len(line)
+    return blocks
+
+
+def dedup_markdown_blocks(messages, ctx):
+    """Fenced code blocks (``` or ~~~) repeated exactly, in user, assistant and tool messages.
+
+    MARKDOWN_DEDUP = first: later copies become a short reference, the first stays (cache-safe).
+    latest: every copy but the last becomes a reference (the seed's rule; it rewrites history that
+    DeepSeek has cached, so each repeat turns the rest of the prompt into cache misses).
+    auto: like latest inside the newest stretch of messages since an assistant turn (none of it is
+    cached yet, so moving the full copy later costs nothing) and like first across turns.
+    """
+    if MARKDOWN_DEDUP == "off":
+        return messages
+    occurrences = collections.defaultdict(list)  # body hash -> [(message index, turn)]
+    turn = 0
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            turn += 1
+        if message["role"] in ("user", "assistant", "tool"):
+            for block in find_fenced_blocks(content_text(message.get("content"))):
+                if len(block[4]) >= MIN_BLOCK_CHARS:
+                    occurrences[sha256_text(block[4])].append((index, turn))
+    keep = {}  # body hash -> index of the message whose copy stays full
+    for fingerprint, places in occurrences.items():
+        if len(places) < 2:
+            continue
+        if MARKDOWN_DEDUP == "latest":
+            keep[fingerprint] = places[-1][0]
+        elif MARKDOWN_DEDUP == "auto":
+            first_turn = places[0][1]
+            keep[fingerprint] = [index for index, turn_of in places if turn_of == first_turn][-1]
+        else:
+            keep[fingerprint] = places[0][0]
+    if not keep:
+        return messages
+
+    result = []
+    for index, message in enumerate(messages):
+        if message["role"] in ("user", "assistant", "tool") and message.get("content"):
+            def replace_blocks(text, index=index):
+                pieces, last = [], 0
+                for start, end, fence, info, body in find_fenced_blocks(text):
+                    fingerprint = sha256_text(body) if len(body) >= MIN_BLOCK_CHARS else None
+                    if fingerprint in keep and keep[fingerprint] != index:
+                        where = "below" if keep[fingerprint] > index else "above"
+                        pieces.append(text[last:start])
+                        pieces.append("%s%s\n[identical to the copy of this block %s]\n%s" % (
+                            fence, info, where, fence))
+                        last = end
+                        ctx.removed("dedup_markdown_blocks", body)
+                return "".join(pieces) + text[last:] if last else text
+            content = map_content_text(message["content"], replace_blocks)
+            if content != message["content"]:
+                message = dict(message, content=content)
+        result.append(message)
+    return result
+
+
+PIPELINE = [
+    normalise_messages,
+    restore_reasoning,
+    dedup_boilerplate,
+    dedup_tool_outputs,
+    dedup_markdown_blocks,
+]
+
+
+def run_pipeline(messages, ctx):
+    """Apply PIPELINE in order. A stage that raises is logged and skipped: its input goes on."""
+    for stage in PIPELINE:
+        try:
+            messages = stage(messages, ctx)
+        except Exception as error:  # a compression bug must never fail a request
+            log.warning("[%s] stage %s failed, skipped: %r", ctx.request_id, stage.__name__, error,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            ctx.notes.append(stage.__name__ + " failed")
+    return messages
+
+
+# =====================================================================================================
+# Upstream client: the forced request body, urllib calls with timeouts and bounded retries.
+# =====================================================================================================
+
+FORWARDED_FIELDS = ("tools", "tool_choice", "response_format", "stop")  # client fields DeepSeek gets
+RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
+
+
+class UpstreamError(Exception):
+    """DeepSeek could not be used: status and JSON body to answer the client with."""
+
+    def __init__(self, status, body):
+        super().__init__(status)
+        self.status = status
+        self.body = body  # dict in the error envelope
+
+
+def build_upstream_body(body, messages, ctx):
+    """The request DeepSeek receives: our model, max_tokens and thinking, the client's messages as
+    the pipeline left them, and only the functional fields. Sampling knobs, n, logprobs, seed, store,
+    metadata, user, parallel_tool_calls and the client's own model settings are dropped."""
+    upstream = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": MAX_OUTPUT_TOKENS,
+                "thinking": {"type": "enabled" if ctx.thinking else "disabled"}}
+    if REASONING_EFFORT and ctx.thinking:
+        upstream["reasoning_effort"] = REASONING_EFFORT
+    for field in FORWARDED_FIELDS:
+        if body.get(field) is not None:
+            upstream[field] = body[field]
+    if body.get("stream"):
+        # Always ask for usage: the proxy measures every call. The client gets DeepSeek's chunks
+        # unchanged either way ("usage": null on earlier chunks is valid OpenAI shape).
+        upstream["stream"] = True
+        upstream["stream_options"] = {"include_usage": True}
+    return upstream
+
+
+def _opener_for(url):
+    """Environment proxies apply to DeepSeek, never to a loopback upstream (tests, local relays)."""
+    host = urllib.request.urlparse(url).hostname or ""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def open_upstream(payload, api_key, retries=None, base_sleep=None, timeout=None):
+    """POST payload to DeepSeek's chat endpoint; returns the open response (status 200).
+
+    429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
+    doubled each time; other HTTP errors are raised at once as UpstreamError with DeepSeek's body."""
+    retries = UPSTREAM_MAX_RETRIES if retries is None else retries
+    base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
+    url = DEEPSEEK_BASE.rstrip("/") + "/chat/completions"
+    data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + api_key,
+               "Accept": "text/event-stream" if payload.get("stream") else "application/json",
+               "User-Agent": "deepseek-proxy/" + __version__}
+    opener = _opener_for(url)
+    for attempt in range(retries + 1):
+        retry_note = " after %d attempts" % (attempt + 1) if attempt else ""
+        try:
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+            return opener.open(request, timeout=timeout or UPSTREAM_TIMEOUT)
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, _read_quietly(error)
+            failure = UpstreamError(status, upstream_error_body(status, raw))
+            if status not in RETRYABLE_STATUSES:
+                raise failure
+        except (TimeoutError, socket.timeout) as error:
+            failure = UpstreamError(504, error_body("DeepSeek did not answer in time%s: %s" % (
+                retry_note, error), "upstream_timeout"))
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            failure = UpstreamError(502, error_body("Cannot reach DeepSeek at %s%s: %s" % (
+                DEEPSEEK_BASE, retry_note, reason), "upstream_unreachable"))
+        if attempt < retries:
+            delay = base_sleep * (2 ** attempt)
+            log.info("upstream attempt %d failed (%s), retrying in %.1fs", attempt + 1, failure.status, delay)
+            time.sleep(delay)
+    raise failure
+
+
+def _read_quietly(response):
+    try:
+        return response.read()
+    except (OSError, ValueError):
+        return b""
+
+
+def upstream_error_body(status, raw):
+    """DeepSeek's error JSON as it came, or an envelope around whatever else it sent."""
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return parsed
+    except (ValueError, UnicodeDecodeError):
+        pass
+    text = raw.decode("utf-8", "replace").strip()[:500] or http.HTTPStatus(status).phrase
+    return error_body("DeepSeek answered %d: %s" % (status, text), "upstream_error")
+
+
+def call_deepseek_json(payload, api_key, retries, base_sleep, timeout=None):
+    """One non-streaming call for the proxy's own use (summaries): returns the parsed answer."""
+    response = open_upstream(payload, api_key, retries=retries, base_sleep=base_sleep, timeout=timeout)
+    with response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+# =====================================================================================================
+# Response side: reading DeepSeek's answer (streamed or not), remembering reasoning, accounting.
+# =====================================================================================================
+
+class AnswerCollector:
+    """Rebuilds the assistant message and the usage from streamed chunks or a whole response."""
+
+    def __init__(self):
+        self.reasoning, self.content, self.tool_calls = [], [], {}
+        self.saw_reasoning = False
+        self.finish_reason = None
+        self.usage = None
+        self.done = False
+
+    def feed_event(self, block):
+        for line in block.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(chunk, dict):
+                self.feed_chunk(chunk)
+
+    def feed_chunk(self, chunk):
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content") is not None:
+                self.saw_reasoning = True
+                self.reasoning.append(delta["reasoning_content"])
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                slot = self.tool_calls.setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] = function.get("name") or slot["function"]["name"]
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def feed_response(self, response):
+        self.usage = response.get("usage")
+        choice = (response.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        self.finish_reason = choice.get("finish_reason")
+        if message.get("reasoning_content") is not None:
+            self.saw_reasoning = True
+            self.reasoning.append(message["reasoning_content"])
+        self.content.append(message.get("content") or "")
+        for index, call in enumerate(message.get("tool_calls") or ()):
+            self.tool_calls[index] = call
+
+    def message(self):
+        message = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.saw_reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        return message
+
+
+def remember_answer(ctx, answer):
+    """Store the answer's reasoning under the key the client's echo of this turn will have."""
+    if answer.get("reasoning_content") is None or not ctx.normalised:
+        return
+    reasoning_cache.remember(reasoning_key(answer, ctx.normalised[-1]), answer["reasoning_content"])
+
+
+class Stats:
+    """Running totals from DeepSeek's own usage figures, per model, and a per-minute series."""
+
+    SERIES_MINUTES = 1440
+
+    def __init__(self):
+        self.started = time.time()
+        self.totals = collections.Counter()
+        self.per_model = collections.defaultdict(collections.Counter)
+        self.series = collections.OrderedDict()  # minute start -> Counter
+        self._lock = threading.Lock()
+
+    def _add(self, model, values):
+        minute = int(time.time() // 60 * 60)
+        with self._lock:
+            self.totals.update(values)
+            self.per_model[model].update(values)
+            bucket = self.series.setdefault(minute, collections.Counter())
+            bucket.update(values)
+            while len(self.series) > self.SERIES_MINUTES:
+                self.series.popitem(last=False)
+
+    @staticmethod
+    def usage_values(usage, prefix=""):
+        if not usage:
+            return {prefix + "unmeasured_calls": 1}
+        hit = usage.get("prompt_cache_hit_tokens") or 0
+        prompt = usage.get("prompt_tokens") or 0
+        return {prefix + "upstream_prompt_tokens": prompt, prefix + "cache_hit_tokens": hit,
+                prefix + "cache_miss_tokens": usage.get("prompt_cache_miss_tokens", max(0, prompt - hit)),
+                prefix + "completion_tokens": usage.get("completion_tokens") or 0,
+                prefix + "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
+                    "reasoning_tokens") or 0,
+                prefix + "cost_usd_micro": round(usage_cost(usage) * 1e6)}
+
+    def record_request(self, ctx, usage, failed, upstream_called):
+        values = collections.Counter({"requests": 1, "failed_requests": int(failed),
+                                      "upstream_requests": int(upstream_called),
+                                      "client_prompt_tokens_estimate": ctx.tokens_in,
+                                      "sent_prompt_tokens_estimate": ctx.tokens_out,
+                                      "tokens_saved_estimate": sum(ctx.saved.values()),
+                                      "reasoning_restored": ctx.reasoning_restored,
+                                      "reasoning_filled_empty": ctx.reasoning_filled})
+        for stage, tokens in ctx.saved.items():
+            values["saved_by_" + stage] += tokens
+        if upstream_called and not failed:
+            values.update(self.usage_values(usage))
+        self._add(DEFAULT_MODEL, values)
+
+    def record_summary(self, usage):
+        values = collections.Counter({"summary_requests": 1})
+        values.update(self.usage_values(usage, prefix="summary_"))
+        self._add(SUMMARY_MODEL, values)
+
+    def snapshot(self):
+        with self._lock:
+            totals = dict(self.totals)
+            per_model = {model: dict(values) for model, values in self.per_model.items()}
+            series = [dict(values, minute=minute) for minute, values in self.series.items()]
+        for block in [totals] + list(per_model.values()) + series:
+            for prefix in ("", "summary_"):
+                if prefix + "cost_usd_micro" in block:
+                    block[prefix + "cost_usd"] = block.pop(prefix + "cost_usd_micro") / 1e6
+        for name in ("requests", "upstream_requests", "summary_requests", "failed_requests",
+                     "client_prompt_tokens_estimate", "upstream_prompt_tokens", "cache_hit_tokens",
+                     "cache_miss_tokens", "completion_tokens", "cost_usd", "summary_cost_usd",
+                     "tokens_saved_estimate", "reasoning_restored", "reasoning_filled_empty"):
+            totals.setdefault(name, 0)
+        return {"uptime_s": round(time.time() - self.started, 1), "totals": totals, **totals,
+                "per_model": per_model, "per_minute": series,
+                "reasoning_cache_entries": len(reasoning_cache.entries)}
+
+
+stats = Stats()
+
+
+def dump_messages(ctx, client_body, upstream_body):
+    """SAVE_PREPOST_MSGS: what the client sent -> pre_msg/, what went upstream -> post_msg/.
+    Only bodies are written, never headers, so no key reaches the disk."""
+    if not SAVE_PREPOST_MSGS:
+        return
+    name = time.strftime("%Y%m%d-%H%M%S") + "-" + ctx.request_id + ".json"
+    for folder, body in (("pre_msg", client_body), ("post_msg", upstream_body)):
+        try:
+            atomic_write(data_path(folder, name), json.dumps(body, ensure_ascii=False, indent=1))
+            files = sorted(entry for entry in os.listdir(data_path(folder)) if entry.endswith(".json"))
+            for old in files[:max(0, len(files) - MAX_DUMP_FILES)]:
+                os.unlink(data_path(folder, old))
+        except OSError as error:
+            warn_once("writing message dumps to " + data_path(folder), error)
+
+
+# =====================================================================================================
+# HTTP handler: routes, request validation, and relaying answers to the client.
+# =====================================================================================================
+
+class ClientError(Exception):
+    """A request the proxy refuses: answered with status and an OpenAI-style error body."""
+
+    def __init__(self, status, message, code="invalid_request_error", close=False):
+        super().__init__(message)
+        self.status, self.message, self.code, self.close = status, message, code, close
+
+
+def validate_chat_request(body):
+    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
+    if not isinstance(body, dict):
+        raise ClientError(400, "The request body must be a JSON object.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
+    for index, message in enumerate(messages):
+        where = "messages[%d]" % index
+        if not isinstance(message, dict):
+            raise ClientError(400, where + " must be an object.")
+        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        if role not in MESSAGE_KEYS:
+            raise ClientError(400, "%s.role must be one of system, developer, user, assistant, tool; got %r."
+                              % (where, message.get("role")))
+        content = message.get("content")
+        if content is None:
+            if not (role == "assistant"):
+                raise ClientError(400, where + ".content is required for role " + role + ".")
+        elif isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ClientError(400, "%s.content[%d] must be an object with a 'type'." % (where, part_index))
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ClientError(400, "%s.content[%d].text must be a string." % (where, part_index))
+        elif not isinstance(content, str):
+            raise ClientError(400, where + ".content must be a string, an array of parts or null.")
+        if role == "assistant" and message.get("tool_calls") is not None:
+            calls = message["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(call, dict) and isinstance(call.get("function"), dict)
+                    and isinstance(call["function"].get("name"), str) for call in calls):
+                raise ClientError(400, where + ".tool_calls must be an array of {id, type, function: {name, arguments}}.")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ClientError(400, where + ".tool_call_id must be a string.")
+        if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
+            raise ClientError(400, where + ".reasoning_content must be a string.")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise ClientError(400, "'tools' must be an array.")
+    if not isinstance(body.get("stream", False), (bool, type(None))):
+        raise ClientError(400, "'stream' must be a boolean.")
+
+
+def bearer_token(header):
+    if header and header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return ""
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Routes only; each route is a short method over the layers above."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "deepseek-proxy/" + __version__
+    api_key = ""  # set by main(); never logged
+
+    def setup(self):
+        super().setup()
+        self.connection.settimeout(CLIENT_TIMEOUT)
+
+    def log_message(self, format, *args):  # the request log line is written by handle_chat
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- routes
+
+    def do_GET(self):
+        path = self.route()
+        if path in MODEL_PATHS:
+            self.send_json(200, {"object": "list", "data": [
+                {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "deepseek"}]})
+        elif path == "/health":
+            self.send_json(200, {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE,
+                                 "model": DEFAULT_MODEL, "api_key_configured": bool(self.api_key)})
+        elif path in ("/stats", "/v1/stats"):
+            self.send_json(200, stats.snapshot())
+        elif path in CHAT_PATHS:
+            self.send_error_json(405, "Use POST for chat completions.", "method_not_allowed")
+        else:
+            self.send_error_json(404, "No route for GET %s." % path, "not_found")
+
+    def do_POST(self):
+        path = self.route()
+        if path in CHAT_PATHS:
+            self.with_client_errors(self.handle_chat)
+        elif path in MODEL_PATHS or path in ("/health", "/stats"):
+            self.discard_body()
+            self.send_error_json(405, "Use GET for %s." % path, "method_not_allowed")
+        else:
+            self.discard_body()
+            self.send_error_json(404, "No route for POST %s." % path, "not_found")
+
+    def do_other(self):
+        self.discard_body()
+        self.send_error_json(405, "Method %s is not supported." % self.command, "method_not_allowed")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+
+    def route(self):
+        return self.path.split("?", 1)[0].rstrip("/") or "/"
+
+    # -- chat completions
+
+    def handle_chat(self):
+        started = time.monotonic()
+        self.check_proxy_key()
+        body = self.read_json_body()
+        validate_chat_request(body)
+        if not self.api_key:
+            raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
+                              "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
+        ctx = RequestContext(body)
+        ctx.tokens_in = messages_tokens(body["messages"], body.get("tools"))
+        messages = run_pipeline(body["messages"], ctx)
+        ctx.tokens_out = messages_tokens(messages, body.get("tools"))
+        upstream_body = build_upstream_body(body, messages, ctx)
+        dump_messages(ctx, body, upstream_body)
+        outcome = {"status": None, "usage": None, "called": False}
+        try:
+            response = open_upstream(upstream_body, self.api_key)
+            outcome["called"] = True
+            if upstream_body.get("stream"):
+                self.relay_stream(response, ctx, outcome)
+            else:
+                self.relay_json(response, ctx, outcome)
+        except UpstreamError as error:
+            outcome["status"] = error.status
+            outcome["called"] = outcome["called"] or error.status not in (502, 504)
+            self.send_json(error.status, error.body, self.proxy_headers(ctx))
+        finally:
+            failed = outcome["status"] != 200
+            stats.record_request(ctx, outcome["usage"], failed, outcome["called"])
+            self.log_chat(ctx, body, outcome, time.monotonic() - started)
+
+    def relay_json(self, response, ctx, outcome):
+        try:
+            with response:
+                raw = response.read()
+            answer = json.loads(raw.decode("utf-8"))
+        except (OSError, ValueError) as error:
+            raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
+                                                "upstream_error"))
+        collector = AnswerCollector()
+        if isinstance(answer, dict):
+            collector.feed_response(answer)
+        self.finish_answer(ctx, collector, outcome)
+        headers = self.proxy_headers(ctx, collector.usage)
+        self.send_body(200, raw.strip(), "application/json", headers)
+
+    def relay_stream(self, response, ctx, outcome):
+        """Relay each SSE event the moment its blank line arrives; parse it on the way."""
+        collector = AnswerCollector()
+        self.send_response(200)
+        for name, value in self.proxy_headers(ctx).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        outcome["status"] = 200
+        block = []
+        try:
+            with response:
+                while True:
+                    try:
+                        line = response.readline()
+                    except (OSError, ValueError) as error:
+                        self.end_stream_with_error(collector, "DeepSeek's stream broke off: %s" % error)
+                        break
+                    if not line:
+                        if not collector.done:
+                            self.end_stream_with_error(collector, "DeepSeek closed the stream before its end.")
+                        break
+                    if line.strip():
+                        block.append(line)
+                        continue
+                    if block:
+                        event = b"".join(block) + line
+                        block = []
+                        self.write_chunk(event)
+                        collector.feed_event(event)
+            self.write_chunk(b"")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
+            log.info("[%s] client went away mid-stream (%s); upstream closed", ctx.request_id,
+                     type(error).__name__)
+            outcome["status"] = 499
+            self.close_connection = True
+        self.finish_answer(ctx, collector, outcome)
+
+    def end_stream_with_error(self, collector, message):
+        """After a 200 has gone out the only way to report a failure is an SSE error event, which
+        the OpenAI SDKs raise as APIError. A stream that had already finished just gets its [DONE]."""
+        if collector.finish_reason:
+            self.write_chunk(b"data: [DONE]\n\n")
+            return
+        log.warning("%s", message)
+        event = json.dumps(error_body(message, "upstream_error", "upstream_stream_error"))
+        self.write_chunk(b"data: " + event.encode("utf-8") + b"\n\n")
+        self.close_connection = True
+
+    def finish_answer(self, ctx, collector, outcome):
+        outcome["usage"] = collector.usage
+        if collector.usage and ctx.tokens_out:
+            token_calibration.observe(ctx.tokens_out, collector.usage.get("prompt_tokens"))
+        if outcome["status"] in (None, 200):
+            outcome["status"] = 200
+        remember_answer(ctx, collector.message())
+
+    # -- plumbing
+
+    def check_proxy_key(self):
+        if PROXY_KEY and not hmac_equal(bearer_token(self.headers.get("Authorization")), PROXY_KEY):
+            self.discard_body()
+            raise ClientError(401, "Invalid proxy key: send the key set with --proxy-key as the bearer token.",
+                              "invalid_api_key")
+
+    def read_json_body(self):
+        length_header = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            raise ClientError(411, "Chunked request bodies are not supported: send Content-Length.",
+                              "length_required", close=True)
+        if length_header is None:
+            raise ClientError(411, "Content-Length is required.", "length_required", close=True)
+        try:
+            length = int(length_header)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise ClientError(400, "Content-Length is not a number.", close=True)
+        if length > MAX_REQUEST_BYTES:
+            raise ClientError(413, "Request body of %d bytes exceeds the limit of %d bytes." % (
+                length, MAX_REQUEST_BYTES), "request_too_large", close=True)
+        try:
+            raw = self.rfile.read(length)
+        except (socket.timeout, TimeoutError):
+            raise ClientError(408, "Timed out reading the request body.", "request_timeout", close=True)
+        if len(raw) < length:
+            raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ClientError(400, "The request body is not valid UTF-8.")
+        except ValueError as error:
+            raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
+
+    def discard_body(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if 0 <= length <= MAX_REQUEST_BYTES:
+            try:
+                self.rfile.read(length)
+                return
+            except OSError:
+                pass
+        self.close_connection = True
+
+    def with_client_errors(self, handler):
+        try:
+            handler()
+        except ClientError as error:
+            if error.close:
+                self.close_connection = True
+            self.send_error_json(error.status, error.message, error.code)
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+            self.close_connection = True
+        except Exception as error:  # the proxy's own bug: a JSON 500, never a traceback to the client
+            log.exception("internal error")
+            self.close_connection = True
+            try:
+                self.send_error_json(500, "Internal proxy error: %s" % type(error).__name__, "proxy_error")
+            except OSError:
+                pass
+
+    def proxy_headers(self, ctx, usage=None):
+        headers = {"X-Proxy-Request-Id": ctx.request_id,
+                   "X-Proxy-Tokens-In": str(ctx.tokens_in), "X-Proxy-Tokens-Out": str(ctx.tokens_out),
+                   "X-Proxy-Reasoning-Restored": "%d/%d" % (ctx.reasoning_restored, ctx.reasoning_filled)}
+        if usage:
+            headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
+            headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage)
+        if ctx.notes:
+            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
+        return headers
+
+    def write_chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def send_body(self, status, data, content_type, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def send_json(self, status, payload, headers=None):
+        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+                       "application/json", headers)
+
+    def send_error_json(self, status, message, code):
+        error_type = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+        self.send_json(status, error_body(message, error_type, code))
+
+    def log_chat(self, ctx, body, outcome, seconds):
+        usage = outcome["usage"] or {}
+        saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
+        log.info("[%s] POST %s stream=%s msgs=%d est_in=%d est_out=%d status=%s prompt=%s hit=%s "
+                 "completion=%s cost=$%.6f reasoning restored=%d filled=%d saved=[%s]%s %.0fms",
+                 ctx.request_id, self.route(), bool(body.get("stream")), len(body.get("messages") or ()),
+                 ctx.tokens_in, ctx.tokens_out, outcome["status"], usage.get("prompt_tokens", "-"),
+                 usage.get("prompt_cache_hit_tokens", "-"), usage.get("completion_tokens", "-"),
+                 usage_cost(usage), ctx.reasoning_restored, ctx.reasoning_filled, saved,
+                 (" notes=" + "; ".join(ctx.notes)) if ctx.notes else "", seconds * 1000)
+
+
+def hmac_equal(given, expected):
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+# =====================================================================================================
+# main(): configuration, key, data folders, server, signals.
+# =====================================================================================================
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address, handler):
+        super().__init__(address, handler)
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address):
+        with self._count_lock:
+            self.in_flight += 1
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.in_flight -= 1
+
+
+def prepare_data_dir():
+    for sub in DATA_SUBDIRS:
+        try:
+            os.makedirs(data_path(sub), exist_ok=True)
+        except OSError as error:
+            warn_once("creating " + data_path(sub), error)
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def main(argv=None):
+    global reasoning_cache
+    parse_args(argv)
+    logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
+    if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
+        log.error("Refusing to listen on %s without --proxy-key: anyone who reaches it could spend your "
+                  "DeepSeek key. Set --proxy-key (or PROXY_API_KEY), or pass --allow-open.", HOST)
+        return 2
+    if not is_loopback(HOST):
+        log.warning("Listening on %s: reachable from other machines%s.", HOST,
+                    "" if PROXY_KEY else " WITHOUT a proxy key")
+    prepare_data_dir()
+    reasoning_cache = ReasoningCache(
+        MAX_CACHE_SIZE, data_path("reasoning_cache.jsonl") if PERSIST_REASONING else None)
+    reasoning_cache.load()
+    ProxyHandler.api_key = load_api_key()
+    if not ProxyHandler.api_key:
+        log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
+    try:
+        server = ProxyServer((HOST, PORT), ProxyHandler)
+    except OSError as error:
+        log.error("Cannot listen on %s:%d: %s", HOST, PORT, error)
+        return 1
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            log.info("signal %d: finishing in-flight requests (up to %.0fs)", signum, SHUTDOWN_GRACE)
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    host, port = server.server_address[:2]
+    log.info("deepseek-proxy %s listening on http://%s:%d/v1 -> %s (model %s, thinking %s)",
+             __version__, host, port, DEEPSEEK_BASE, DEFAULT_MODEL, THINKING_MODE)
+    print("LISTENING %s:%d" % (host, port), flush=True)
+    server.serve_forever(poll_interval=0.2)
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while server.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.in_flight:
+        log.warning("%d requests still open at shutdown; closing them", server.in_flight)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Shared test helpers: start the fake DeepSeek and the proxy on free ports, talk HTTP to them."""
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from fake_deepseek import FakeDeepSeek  # noqa: E402
+
+API_KEY = "sk-test-key-abcd"
+
+
+class Proxy:
+    """deepseek_proxy.py in a subprocess, listening on a free port, logging to a file."""
+
+    def __init__(self, upstream, data_dir, args=(), env=None, key=API_KEY):
+        self.data_dir = data_dir
+        self.log_path = os.path.join(data_dir, "proxy.log")
+        environment = dict(os.environ)
+        environment.pop("DEEPSEEK_API_KEY", None)
+        environment.pop("PROXY_API_KEY", None)
+        environment.pop("DEEPSEEK_BASE_URL", None)
+        if key:
+            environment["DEEPSEEK_API_KEY"] = key
+        environment.update(env or {})
+        command = [sys.executable, os.path.join(ROOT, "deepseek_proxy.py"), "--port", "0",
+                   "--upstream", upstream, "--data-dir", data_dir, "--log-level", "DEBUG",
+                   "--upstream-retry-base-sleep", "0.05", "--summarise-retry-base-sleep", "0.05",
+                   "--shutdown-grace", "3"] + list(args)
+        self.log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log_file,
+                                        env=environment, cwd=data_dir)
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("LISTENING"):
+            self.process.kill()
+            raise RuntimeError("proxy did not start: %r\n%s" % (line, self.log()))
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def log(self):
+        if not self.log_file.closed:
+            self.log_file.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def stop(self, timeout=10):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stdout.close()
+        self.log_file.close()
+        return self.process.returncode
+
+    # -- HTTP
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        all_headers = {"Authorization": "Bearer client-key", "Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        connection.request(method, path, body=data, headers=all_headers)
+        response = connection.getresponse()
+        raw = response.read()
+        connection.close()
+        return response.status, dict(response.getheaders()), raw
+
+    def chat(self, body, path="/v1/chat/completions", headers=None):
+        """POST a chat request; returns (status, headers, parsed JSON or the list of SSE data)."""
+        status, response_headers, raw = self.request("POST", path, body, headers)
+        if response_headers.get("Content-Type", "").startswith("text/event-stream"):
+            return status, response_headers, sse_data(raw)
+        return status, response_headers, json.loads(raw)
+
+
+def sse_data(raw):
+    """The data payloads of an SSE body: parsed JSON, or the string '[DONE]'."""
+    events = []
+    for block in raw.decode().split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data:"):
+                data = line[5:].strip()
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def assemble_stream(events):
+    """The assistant message a client rebuilds from streamed chunks, and the final usage."""
+    message = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": {}}
+    usage = finish = None
+    for event in events:
+        if event == "[DONE]":
+            continue
+        if "error" in event:
+            raise AssertionError("stream error: %s" % event)
+        usage = event.get("usage") or usage
+        for choice in event["choices"]:
+            delta = choice["delta"]
+            message["content"] += delta.get("content") or ""
+            message["reasoning_content"] += delta.get("reasoning_content") or ""
+            for call in delta.get("tool_calls") or ():
+                slot = message["tool_calls"].setdefault(call["index"], {
+                    "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                slot["function"]["name"] = call.get("function", {}).get("name") or slot["function"]["name"]
+                slot["function"]["arguments"] += call.get("function", {}).get("arguments") or ""
+            finish = choice.get("finish_reason") or finish
+    message["tool_calls"] = [message["tool_calls"][i] for i in sorted(message["tool_calls"])]
+    return message, usage, finish
+
+
+class ProxyTestCase(unittest.TestCase):
+    """A fresh fake DeepSeek and proxy per test (setUp), both stopped and cleaned up after."""
+
+    proxy_args = ()
+
+    def setUp(self):
+        self.data_dir = tempfile.mkdtemp(prefix="dsproxy-")
+        self.addCleanup(shutil.rmtree, self.data_dir, ignore_errors=True)
+        self.fake = FakeDeepSeek(API_KEY).start()
+        self.addCleanup(self.fake.stop)
+        self.proxy = self.start_proxy()
+
+    def start_proxy(self, args=None, **kwargs):
+        proxy = Proxy(self.fake.url, self.data_dir, self.proxy_args if args is None else args, **kwargs)
+        self.addCleanup(proxy.stop)
+        return proxy
+
+
+def run_in_threads(function, count):
+    """Run function(i) in `count` threads at once; re-raise the first failure."""
+    errors, results = [], [None] * count
+
+    def run(index):
+        try:
+            results[index] = function(index)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
