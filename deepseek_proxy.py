@@ -1316,6 +1316,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
     def with_client_errors(self, handler):
+        self.server.track(+1)
         try:
             handler()
         except ClientError as error:
@@ -1331,6 +1332,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error_json(500, "Internal proxy error: %s" % type(error).__name__, "proxy_error")
             except OSError:
                 pass
+        finally:
+            self.server.track(-1)
 
     def proxy_headers(self, ctx, usage=None):
         headers = {"X-Proxy-Request-Id": ctx.request_id,
@@ -1388,6 +1391,9 @@ def hmac_equal(given, expected):
 # =====================================================================================================
 
 class ProxyServer(http.server.ThreadingHTTPServer):
+    """One daemon thread per connection; counts requests being answered (not idle keep-alives)
+    so that shutdown can wait for them."""
+
     daemon_threads = True
     block_on_close = False
 
@@ -1396,14 +1402,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.in_flight = 0
         self._count_lock = threading.Lock()
 
-    def process_request_thread(self, request, client_address):
+    def track(self, delta):
         with self._count_lock:
-            self.in_flight += 1
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._count_lock:
-                self.in_flight -= 1
+            self.in_flight += delta
 
 
 def prepare_data_dir():
