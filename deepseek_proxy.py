@@ -1396,6 +1396,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # agents open many connections at once; the default 5 resets them
 
     def __init__(self, address, handler):
         super().__init__(address, handler)

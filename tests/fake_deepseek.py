@@ -138,6 +138,7 @@ class FakeDeepSeek:
         class Handler(FakeHandler):
             owner = fake
 
+        http.server.ThreadingHTTPServer.request_queue_size = 256
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
