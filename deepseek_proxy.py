@@ -72,7 +72,7 @@ PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache
 # -- Deduplication
 DEDUP_BOILERPLATE = True  # remove XML boilerplate blocks already sent earlier in the conversation (F-1)
 MAX_FINGERPRINT_HISTORY = 100  # segments remembered per conversation (LRU) by the boilerplate stage
-MIN_SEGMENT_CHARS = 400  # characters; plain paragraphs at least this long are fingerprinted too
+MIN_SEGMENT_CHARS = 0  # characters; user-message paragraphs this long are fingerprinted too (0: off)
 DEDUP_TOOL_OUTPUTS = True  # a tool result equal to an earlier one becomes a reference to it
 MIN_TOOL_OUTPUT_CHARS = 200  # characters; shorter tool results are always sent in full
 MARKDOWN_DEDUP = "first"  # off | first (cache-safe) | latest (keeps the last copy, rewrites history) | auto
@@ -133,8 +133,7 @@ BOILERPLATE_PATTERNS = {
     name: ("<%s>" % name, "</%s>" % name)
     for name in (
         "environment_info", "workspace_info", "userMemory", "sessionMemory", "repoMemory",
-        "reminderInstructions", "environment_details", "system-reminder", "attachments",
-        "attachment", "instructions", "toolUseInstructions", "editFileInstructions",
+        "reminderInstructions", "environment_details", "system-reminder", "attachment", "instructions", "toolUseInstructions", "editFileInstructions",
         "outputFormatting", "memoryInstructions", "custom_instructions",
     )
 }
@@ -486,8 +485,9 @@ class RequestContext:
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
 
-    def removed(self, stage, text):
-        self.saved[stage] += estimate_tokens(text)
+    def removed(self, stage, text, kept=""):
+        """Record that `stage` replaced `text` by `kept`."""
+        self.saved[stage] += estimate_tokens(text) - estimate_tokens(kept)
 
 
 def thinking_enabled(body):
@@ -597,42 +597,83 @@ def find_boilerplate(text):
 
 
 PLACEHOLDER = "[repeated context omitted]"
+DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
 
 
 def dedup_boilerplate(messages, ctx):
-    """F-1: a boilerplate block (BOILERPLATE_PATTERNS) in a user or tool message whose SHA-256 was
-    seen earlier in the same conversation is removed; a message left empty gets a short placeholder.
+    """F-1: boilerplate blocks (BOILERPLATE_PATTERNS) in user and tool messages.
+
+    A block whose SHA-256 was seen earlier in the conversation is removed. A block that differs
+    from the previous block of its tag in only a few lines (Cline's environment_details, where only
+    the time and cost change) is cut down to its new lines. With MIN_SEGMENT_CHARS > 0, plain
+    paragraphs of user messages at least that long are fingerprinted too. A message left empty
+    gets a short placeholder.
 
     The conversation is the history the request carries, scanned from the start with a bounded LRU
-    of MAX_FINGERPRINT_HISTORY fingerprints. So the result depends on nothing but that history: a
-    restart or a second client gives the same bytes, and earlier messages come out as they did before.
+    of MAX_FINGERPRINT_HISTORY fingerprints. So the output for a message depends only on the
+    messages before it: a restart or a second client gives the same bytes, and what was produced for
+    earlier messages comes out again unchanged, which keeps DeepSeek's prefix cache hitting.
     """
     if not DEDUP_BOILERPLATE:
         return messages
-    seen = collections.OrderedDict()
-    result = []
+    seen = collections.OrderedDict()  # fingerprint -> True, least recently seen first
+    previous_lines = {}  # tag -> set of the lines of the last block with that tag
 
-    def strip_seen(text):
+    def already_seen(segment):
+        fingerprint = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).digest()
+        if fingerprint in seen:
+            seen.move_to_end(fingerprint)
+            return True
+        seen[fingerprint] = True
+        if len(seen) > MAX_FINGERPRINT_HISTORY:
+            seen.popitem(last=False)
+        return False
+
+    def reduce_block(block):
+        """The block as sent: "" if seen, its new lines if mostly unchanged, else itself."""
+        tag = re.match(r"<([^\s>]+)", block).group(1)
+        lines = block.splitlines()
+        known = previous_lines.get(tag)
+        previous_lines[tag] = set(lines)
+        if already_seen(block):
+            return ""
+        if known is None or len(lines) < 4:
+            return block
+        fresh = [line for line in lines[1:-1] if line not in known and line.strip()]
+        if len(fresh) * 2 > len(lines):
+            return block
+        return "\n".join([lines[0], DELTA_NOTE % tag] + fresh + [lines[-1]])
+
+    def reduce_paragraphs(text):
+        parts = re.split(r"(\n\s*\n)", text)
+        kept = [part for part in parts if len(part) < MIN_SEGMENT_CHARS or not already_seen(part)]
+        if len(kept) == len(parts):
+            return text
+        reduced = "".join(kept)
+        ctx.removed("dedup_boilerplate", text, reduced)
+        return reduced
+
+    def reduce_text(text, role):
         pieces, last = [], 0
         for match in find_boilerplate(text):
-            fingerprint = hashlib.sha256(match.group(0).encode("utf-8", "surrogatepass")).digest()
-            if fingerprint in seen:
-                seen.move_to_end(fingerprint)
-                pieces.append(text[last:match.start()])
-                last = match.end()
-                ctx.removed("dedup_boilerplate", match.group(0))
-            else:
-                seen[fingerprint] = True
-                if len(seen) > MAX_FINGERPRINT_HISTORY:
-                    seen.popitem(last=False)
-        if not last:
+            plain = text[last:match.start()]
+            pieces.append(reduce_paragraphs(plain) if MIN_SEGMENT_CHARS and role == "user" else plain)
+            reduced = reduce_block(match.group(0))
+            if reduced != match.group(0):
+                ctx.removed("dedup_boilerplate", match.group(0), reduced)
+            pieces.append(reduced)
+            last = match.end()
+        tail = text[last:]
+        pieces.append(reduce_paragraphs(tail) if MIN_SEGMENT_CHARS and role == "user" else tail)
+        result = "".join(pieces)
+        if result == text:
             return text
-        pieces.append(text[last:])
-        return re.sub(r"\n{3,}", "\n\n", "".join(pieces)).strip() or ""
+        return re.sub(r"\n{3,}", "\n\n", result).strip()
 
+    result = []
     for message in messages:
         if message["role"] in ("user", "tool") and message.get("content"):
-            content = map_content_text(message["content"], strip_seen)
+            content = map_content_text(message["content"], lambda text, role=message["role"]: reduce_text(text, role))
             if content != message["content"]:
                 if not content_text(content).strip() and not has_non_text_parts(content):
                     content = PLACEHOLDER if isinstance(content, str) else [{"type": "text", "text": PLACEHOLDER}]
@@ -647,27 +688,34 @@ def has_non_text_parts(content):
 
 def dedup_tool_outputs(messages, ctx):
     """A tool result byte-identical to an earlier one (a file read again) becomes a one-line
-    reference to the earlier call. The first copy always stays: earlier bytes never change."""
+    reference to the earlier call. Each text part counts alone, so Cline's results, whose second
+    part is an ever-changing environment_details, are caught too. The first copy always stays."""
     if not DEDUP_TOOL_OUTPUTS:
         return messages
     call_names = {}
-    first_seen = {}
+    first_seen = {}  # SHA-256 of an output text -> the tool_call_id that first returned it
     result = []
     for message in messages:
         for call in message.get("tool_calls") or ():
             call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
-        text = content_text(message.get("content")) if message["role"] == "tool" else ""
-        if len(text) >= MIN_TOOL_OUTPUT_CHARS and not has_non_text_parts(message.get("content")):
-            fingerprint = sha256_text(text)
-            earlier = first_seen.get(fingerprint)
-            if earlier is None:
-                first_seen[fingerprint] = message.get("tool_call_id")
-            else:
-                reference = "[Same output as tool call %s (%s) above, unchanged.]" % (
-                    earlier, call_names.get(earlier, "tool"))
-                ctx.removed("dedup_tool_outputs", text)
-                message = dict(message, content=reference)
-        result.append(message)
+        if message["role"] != "tool" or not message.get("content"):
+            result.append(message)
+            continue
+
+        def replace_repeat(text, call_id=message.get("tool_call_id")):
+            if len(text) < MIN_TOOL_OUTPUT_CHARS:
+                return text
+            fingerprint = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+            earlier = first_seen.setdefault(fingerprint, call_id)
+            if earlier == call_id:
+                return text
+            reference = "[Same output as tool call %s (%s) above, unchanged.]" % (
+                earlier, call_names.get(earlier, "tool"))
+            ctx.removed("dedup_tool_outputs", text, reference)
+            return reference
+
+        content = map_content_text(message["content"], replace_repeat)
+        result.append(dict(message, content=content) if content != message["content"] else message)
     return result
 
 
@@ -675,18 +723,18 @@ _FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$")
 
 
 def find_fenced_blocks(text):
-    """(start, end, fence, info, body) of each closed fenced code block, by character offsets."""
+    """(start, end, opening line, closing line, body) of each closed fenced code block."""
     blocks, offset, opening = [], 0, None
     for line in text.splitlines(keepends=True):
         stripped = line.rstrip("\r\n")
         match = _FENCE.match(stripped)
         if opening is None:
             if match and not (match.group(2)[0] == "`" and "`" in match.group(3)):
-                opening = (offset, match.group(2), match.group(3).strip(), offset + len(line))
+                opening = (offset, match.group(2), stripped, offset + len(line))
         elif match and match.group(2)[0] == opening[1][0] and len(match.group(2)) >= len(opening[1]) \
                 and not match.group(3).strip():
-            start, fence, info, body_start = opening
-            blocks.append((start, offset + len(stripped), fence, info, text[body_start:offset]))
+            start, _fence, open_line, body_start = opening
+            blocks.append((start, offset + len(stripped), open_line, stripped, text[body_start:offset]))
             opening = None
         offset += len(line)
     return blocks
@@ -731,13 +779,13 @@ def dedup_markdown_blocks(messages, ctx):
         if message["role"] in ("user", "assistant", "tool") and message.get("content"):
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
-                for start, end, fence, info, body in find_fenced_blocks(text):
+                for start, end, open_line, close_line, body in find_fenced_blocks(text):
                     fingerprint = sha256_text(body) if len(body) >= MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
                         where = "below" if keep[fingerprint] > index else "above"
                         pieces.append(text[last:start])
-                        pieces.append("%s%s\n[identical to the copy of this block %s]\n%s" % (
-                            fence, info, where, fence))
+                        pieces.append("%s\n[identical to the copy of this block %s]\n%s" % (
+                            open_line, where, close_line))
                         last = end
                         ctx.removed("dedup_markdown_blocks", body)
                 return "".join(pieces) + text[last:] if last else text

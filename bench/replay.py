@@ -1,0 +1,116 @@
+"""Replay the bench sessions through the pipeline and bill them under the fake's prefix cache.
+
+    python bench/replay.py                 # every stage alone and all defaults, on every session
+    python bench/replay.py --sessions copilot --configs baseline,defaults
+
+For each session and configuration the requests are replayed in order, in-process: the pipeline
+rewrites the messages exactly as the proxy would, the fake DeepSeek's prefix cache (tests/fake_deepseek.py:
+4 characters a token, 128-token units, every input and input+answer remembered) decides hits and
+misses, and the cost is billed at the price constants. "baseline" is what DeepSeek receives without
+the proxy's compression (only the message hygiene and the reasoning restore that make the requests
+valid at all). Answers are scripted, so output tokens are equal in every configuration; the table
+shows input tokens, the cache-hit share and the input cost, then the total.
+
+System-prompt summaries and conversation summaries call DeepSeek; here a deterministic stand-in
+answers them (a summary a third of the original's size), and their own cost is billed too.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, HERE)
+
+import deepseek_proxy as proxy  # noqa: E402
+from fake_deepseek import CHARS_PER_TOKEN, PrefixCache, render_message  # noqa: E402
+from sessions import SESSIONS  # noqa: E402
+
+OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
+           SUMMARISE=False, MIN_SEGMENT_CHARS=0)
+CONFIGS = {
+    "baseline": OFF,
+    "dedup_boilerplate": dict(OFF, DEDUP_BOILERPLATE=True),
+    "dedup_boilerplate+paragraphs": dict(OFF, DEDUP_BOILERPLATE=True, MIN_SEGMENT_CHARS=400),
+    "dedup_tool_outputs": dict(OFF, DEDUP_TOOL_OUTPUTS=True),
+    "markdown=first": dict(OFF, MARKDOWN_DEDUP="first"),
+    "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
+    "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),
+    "defaults": {},
+}
+
+
+def tokens(text):
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def prompt_text(messages, tools):
+    import json
+    return (json.dumps(tools, sort_keys=True) if tools else "") + "".join(render_message(m) for m in messages)
+
+
+def replay(session, settings):
+    """Bill one session under one configuration; returns a dict of totals."""
+    defaults = {name: getattr(proxy, name) for name in set(settings) | set(OFF)}
+    for name, value in settings.items():
+        setattr(proxy, name, value)
+    proxy.reasoning_cache = proxy.ReasoningCache(proxy.MAX_CACHE_SIZE)
+    cache = PrefixCache()
+    totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0)
+    try:
+        for request in session.requests:
+            body = {"messages": request["messages"], "tools": request["tools"]}
+            ctx = proxy.RequestContext(body)
+            started = time.perf_counter()
+            messages = proxy.run_pipeline(request["messages"], ctx)
+            totals["pipeline_s"] += time.perf_counter() - started
+            text = prompt_text(messages, request["tools"])
+            prompt, hit = tokens(text), cache.lookup(text)
+            hit = min(hit, prompt)
+            cache.remember(text)
+            answer = request["answer"]
+            proxy.remember_answer(ctx, answer)
+            cache.remember(text + render_message(answer))
+            output = tokens(render_message(answer))
+            totals["requests"] += 1
+            totals["prompt"] += prompt
+            totals["hit"] += hit
+            totals["output"] += output
+            usage = {"prompt_tokens": prompt, "prompt_cache_hit_tokens": hit,
+                     "prompt_cache_miss_tokens": prompt - hit, "completion_tokens": 0}
+            totals["cost_in"] += proxy.usage_cost(usage)
+            totals["cost_out"] += output * proxy.PRICE_OUTPUT / 1e6
+    finally:
+        for name, value in defaults.items():
+            setattr(proxy, name, value)
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", default=",".join(SESSIONS))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    proxy.log.disabled = True
+    print("| session | configuration | requests | input tokens | cache hit | input cost $ | total cost $ "
+          "| vs baseline | pipeline ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for session_name in args.sessions.split(","):
+        session = SESSIONS[session_name]()
+        baseline = None
+        for config_name in args.configs.split(","):
+            totals = replay(session, CONFIGS[config_name])
+            total = totals["cost_in"] + totals["cost_out"]
+            baseline = baseline or total
+            print("| %s | %s | %d | %d | %.1f%% | %.4f | %.4f | %+.1f%% | %.1f |" % (
+                session_name, config_name, totals["requests"], totals["prompt"],
+                100.0 * totals["hit"] / max(1, totals["prompt"]), totals["cost_in"], total,
+                100.0 * (total - baseline) / baseline, 1000 * totals["pipeline_s"] / totals["requests"]))
+
+
+if __name__ == "__main__":
+    main()
