@@ -79,7 +79,7 @@ MARKDOWN_DEDUP = "first"  # off | first (cache-safe) | latest (keeps the last co
 MIN_BLOCK_CHARS = 200  # characters; shorter fenced blocks are never replaced
 
 # -- System-prompt compression
-COMPRESS_SYSTEM = False  # summarise long system prompts once through DeepSeek and send the summary
+COMPRESS_SYSTEM = True  # summarise long system prompts once through DeepSeek and send the summary
 SYSTEM_MIN_CHARS = 8000  # characters; shorter system prompts are sent as they are
 SYSTEM_MAX_RATIO = 0.7  # a summary longer than this fraction of the original is rejected
 SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the original, summarise behind
@@ -470,6 +470,119 @@ class ReasoningCache:
 reasoning_cache = ReasoningCache(MAX_CACHE_SIZE)
 
 
+class SystemPromptStore:
+    """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
+    (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
+
+    A new prompt is summarised by one background thread however many requests bring it at once;
+    a request waits for it up to SYSTEM_WAIT seconds. A summary that is not at most SYSTEM_MAX_RATIO
+    of the original is rejected by storing the original itself as the "summary", so the decision is
+    not retried. A failed call is retried after a growing pause (60 s, doubled), never per request.
+    """
+
+    def __init__(self):
+        self.memory = LRU(256)  # digest -> (mtime or None, text)
+        self.failures = LRU(256)  # digest -> (failures so far, monotonic time of the next try)
+        self.in_flight = {}  # digest -> threading.Event set when the attempt ends
+        self._lock = threading.Lock()
+
+    def lookup(self, text):
+        """The text to send for this system prompt: its summary, or None while there is none."""
+        digest = sha256_text(text)
+        found = self._stored(digest)
+        if found is not None:
+            return found
+        done = self._start(digest, text)
+        if done is not None and SYSTEM_WAIT > 0:
+            done.wait(SYSTEM_WAIT)
+            return self._stored(digest)
+        return None
+
+    def _stored(self, digest):
+        path = data_path("post_sys", digest + ".txt")
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = None
+        cached = self.memory.get(digest)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        if mtime is None:
+            return cached[1] if cached else None
+        text = read_text(path)  # None when empty, unreadable or not UTF-8: made again
+        if text is not None:
+            self.memory.put(digest, (mtime, text))
+        return text
+
+    def _start(self, digest, text):
+        with self._lock:
+            if digest in self.in_flight:
+                return self.in_flight[digest]
+            failed = self.failures.get(digest)
+            if failed and time.monotonic() < failed[1]:
+                return None
+            done = self.in_flight[digest] = threading.Event()
+        threading.Thread(target=self._summarise, args=(digest, text, done), daemon=True,
+                         name="summarise-system-" + digest[:8]).start()
+        return done
+
+    def _summarise(self, digest, text, done):
+        try:
+            if SAVE_PREPOST_SYSTEM:
+                self._save("pre_sys", digest, text)
+            summary = request_summary(
+                [{"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
+                SYSTEM_SUMMARY_MAX_TOKENS)
+            if len(summary) > SYSTEM_MAX_RATIO * len(text):
+                log.info("system prompt %s: summary of %d chars for %d is not short enough; keeping the "
+                         "original", digest[:12], len(summary), len(text))
+                summary = text
+            else:
+                log.info("system prompt %s summarised: %d -> %d chars", digest[:12], len(text), len(summary))
+            self._save("post_sys", digest, summary)
+            self.memory.put(digest, (self._mtime(digest), summary))
+            self.failures.put(digest, None)
+        except Exception as error:  # never fatal: the original is sent meanwhile
+            count = (self.failures.get(digest) or (0, 0))[0] + 1
+            pause = 60.0 * 2 ** min(count - 1, 6)
+            self.failures.put(digest, (count, time.monotonic() + pause))
+            log.warning("system prompt %s: summarising failed (%s); sending the original, next try in %.0fs",
+                        digest[:12], getattr(error, "body", None) and error.body["error"]["message"] or error, pause)
+        finally:
+            with self._lock:
+                self.in_flight.pop(digest, None)
+            done.set()
+
+    @staticmethod
+    def _save(folder, digest, text):
+        try:
+            atomic_write(data_path(folder, digest + ".txt"), text)
+        except OSError as error:
+            warn_once("writing " + data_path(folder), error)
+
+    @staticmethod
+    def _mtime(digest):
+        try:
+            return os.stat(data_path("post_sys", digest + ".txt")).st_mtime_ns
+        except OSError:
+            return None
+
+    def wait_idle(self, timeout=30.0):
+        """Wait for summaries under way (tests, benchmarks, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                events = list(self.in_flight.values())
+            if not events:
+                return True
+            events[0].wait(max(0.0, deadline - time.monotonic()))
+        return False
+
+
+system_prompts = SystemPromptStore()
+deepseek_api_key = ""  # set by main(); never logged
+
+
 class RequestContext:
     """What one request's stages know and record: decisions, savings, counters for the log."""
 
@@ -796,12 +909,42 @@ def dedup_markdown_blocks(messages, ctx):
     return result
 
 
+SYSTEM_SUMMARY_PROMPT = (
+    "Rewrite the system prompt you are given for an AI coding assistant so that it is as short as "
+    "possible while meaning exactly the same to the assistant. Keep every instruction, rule, "
+    "constraint, prohibition, name, identifier, file path, tool name and tool reference, output-format "
+    "requirement and example that the assistant must follow, and keep its XML section tags (such as "
+    "<instructions>) in their order. Remove repetition, filler, politeness and explanations of why. "
+    "Answer with the rewritten prompt only.")
+
+
+def compress_system_prompt(messages, ctx):
+    """A system message of at least SYSTEM_MIN_CHARS is replaced by its summary, made once per
+    distinct prompt through DeepSeek and kept in post_sys/<sha256>.txt (originals in pre_sys/).
+    Until the summary exists the original goes (SYSTEM_WAIT = 0), so no request waits for it."""
+    if not COMPRESS_SYSTEM:
+        return messages
+    result = []
+    for message in messages:
+        if message["role"] == "system":
+            text = content_text(message.get("content"))
+            if len(text) >= SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
+                summary = system_prompts.lookup(text)
+                if summary is not None and summary != text:
+                    ctx.removed("compress_system_prompt", text, summary)
+                    ctx.notes.append("system %d->%d chars" % (len(text), len(summary)))
+                    message = dict(message, content=summary)
+        result.append(message)
+    return result
+
+
 PIPELINE = [
     normalise_messages,
     restore_reasoning,
     dedup_boilerplate,
     dedup_tool_outputs,
     dedup_markdown_blocks,
+    compress_system_prompt,
 ]
 
 
@@ -922,6 +1065,25 @@ def call_deepseek_json(payload, api_key, retries, base_sleep, timeout=None):
     response = open_upstream(payload, api_key, retries=retries, base_sleep=base_sleep, timeout=timeout)
     with response:
         return json.loads(response.read().decode("utf-8"))
+
+
+def request_summary(messages, max_tokens):
+    """The proxy's own summarisation call: SUMMARY_MODEL, thinking off, no tools, not streamed,
+    SUMMARISE_MAX_RETRIES attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling.
+    Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
+    payload = {"model": SUMMARY_MODEL, "messages": messages, "max_tokens": max_tokens,
+               "thinking": {"type": "disabled"}, "stream": False}
+    return summary_text(call_deepseek_json(payload, deepseek_api_key, SUMMARISE_MAX_RETRIES - 1,
+                                           SUMMARISE_RETRY_BASE_SLEEP))
+
+
+def summary_text(answer):
+    stats.record_summary(answer.get("usage"))
+    choice = (answer.get("choices") or [{}])[0]
+    text = ((choice.get("message") or {}).get("content") or "").strip()
+    if not text or choice.get("finish_reason") not in (None, "stop"):
+        raise ValueError("no usable summary (finish_reason %s)" % choice.get("finish_reason"))
+    return text
 
 
 # =====================================================================================================
@@ -1159,7 +1321,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "deepseek-proxy/" + __version__
-    api_key = ""  # set by main(); never logged
 
     def setup(self):
         super().setup()
@@ -1177,7 +1338,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "deepseek"}]})
         elif path == "/health":
             self.send_json(200, {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE,
-                                 "model": DEFAULT_MODEL, "api_key_configured": bool(self.api_key)})
+                                 "model": DEFAULT_MODEL, "api_key_configured": bool(deepseek_api_key)})
         elif path in ("/stats", "/v1/stats"):
             self.send_json(200, stats.snapshot())
         elif path in CHAT_PATHS:
@@ -1212,7 +1373,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.check_proxy_key()
         body = self.read_json_body()
         validate_chat_request(body)
-        if not self.api_key:
+        if not deepseek_api_key:
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
         ctx = RequestContext(body)
@@ -1223,7 +1384,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         dump_messages(ctx, body, upstream_body)
         outcome = {"status": None, "usage": None, "called": False}
         try:
-            response = open_upstream(upstream_body, self.api_key)
+            response = open_upstream(upstream_body, deepseek_api_key)
             outcome["called"] = True
             if upstream_body.get("stream"):
                 self.relay_stream(response, ctx, outcome)
@@ -1469,7 +1630,7 @@ def is_loopback(host):
 
 
 def main(argv=None):
-    global reasoning_cache
+    global reasoning_cache, deepseek_api_key
     parse_args(argv)
     logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
@@ -1483,8 +1644,8 @@ def main(argv=None):
     reasoning_cache = ReasoningCache(
         MAX_CACHE_SIZE, data_path("reasoning_cache.jsonl") if PERSIST_REASONING else None)
     reasoning_cache.load()
-    ProxyHandler.api_key = load_api_key()
-    if not ProxyHandler.api_key:
+    deepseek_api_key = load_api_key()
+    if not deepseek_api_key:
         log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
     try:
         server = ProxyServer((HOST, PORT), ProxyHandler)

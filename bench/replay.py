@@ -8,7 +8,7 @@ rewrites the messages exactly as the proxy would, the fake DeepSeek's prefix cac
 4 characters a token, 128-token units, every input and input+answer remembered) decides hits and
 misses, and the cost is billed at the price constants. "baseline" is what DeepSeek receives without
 the proxy's compression (only the message hygiene and the reasoning restore that make the requests
-valid at all). Answers are scripted, so output tokens are equal in every configuration; the table
+valid at all). Input cost includes the proxy's own summary calls. Answers are scripted, so output tokens are equal in every configuration; the table
 shows input tokens, the cache-hit share and the input cost, then the total.
 
 System-prompt summaries and conversation summaries call DeepSeek; here a deterministic stand-in
@@ -18,7 +18,9 @@ answers them (a summary a third of the original's size), and their own cost is b
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,8 +42,24 @@ CONFIGS = {
     "markdown=first": dict(OFF, MARKDOWN_DEDUP="first"),
     "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
     "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),
+    "compress_system (wait)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=600.0),
+    "compress_system (background)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=0.0),
     "defaults": {},
 }
+SUMMARY_RATIO = 0.35  # the stand-in summariser's output length relative to its input
+
+
+def stand_in_summary(messages, max_tokens):
+    """Instead of DeepSeek: a summary SUMMARY_RATIO of the input's length; its cost is billed."""
+    source = messages[-1]["content"] if messages[0]["role"] == "system" else prompt_text(messages[:-1], None)
+    text = "Summary: " + source[:int(len(source) * SUMMARY_RATIO)]
+    SUMMARY_COSTS.append(proxy.usage_cost({"prompt_tokens": tokens(prompt_text(messages, None)),
+                                           "prompt_cache_hit_tokens": 0,
+                                           "completion_tokens": tokens(text)}))
+    return text
+
+
+SUMMARY_COSTS = []
 
 
 def tokens(text):
@@ -59,10 +77,14 @@ def replay(session, settings):
     for name, value in settings.items():
         setattr(proxy, name, value)
     proxy.reasoning_cache = proxy.ReasoningCache(proxy.MAX_CACHE_SIZE)
+    proxy.system_prompts = proxy.SystemPromptStore()
+    proxy.DATA_DIR = tempfile.mkdtemp(prefix="bench-")
+    del SUMMARY_COSTS[:]
     cache = PrefixCache()
     totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0)
     try:
         for request in session.requests:
+            proxy.system_prompts.wait_idle()  # a background summary is ready by the next request
             body = {"messages": request["messages"], "tools": request["tools"]}
             ctx = proxy.RequestContext(body)
             started = time.perf_counter()
@@ -87,6 +109,10 @@ def replay(session, settings):
     finally:
         for name, value in defaults.items():
             setattr(proxy, name, value)
+        shutil.rmtree(proxy.DATA_DIR, ignore_errors=True)
+        proxy.DATA_DIR = "."
+    totals["summaries"] = len(SUMMARY_COSTS)
+    totals["cost_in"] += sum(SUMMARY_COSTS)
     return totals
 
 
@@ -96,6 +122,7 @@ def main():
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
     proxy.log.disabled = True
+    proxy.request_summary = stand_in_summary
     print("| session | configuration | requests | input tokens | cache hit | input cost $ | total cost $ "
           "| vs baseline | pipeline ms/request |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -51,7 +51,29 @@ class Answer:
         self.finish_reason = finish_reason
 
 
+SYSTEM_SUMMARY_MARK = "Rewrite the system prompt"
+CONVERSATION_SUMMARY_MARK = "Summarise the conversation"
+SUMMARY_RATIO = [0.25]  # length of a summary relative to its input; tests change it
+
+
+def is_summary_request(body):
+    """The proxy's own summarisation calls, recognised by their instruction."""
+    text = json.dumps(body.get("messages", [])[:1]) + json.dumps(body.get("messages", [])[-1:])
+    return SYSTEM_SUMMARY_MARK in text or CONVERSATION_SUMMARY_MARK in text
+
+
+def summary_answer(body):
+    """A deterministic summary: a digest of the input and its first SUMMARY_RATIO of characters."""
+    source = json.dumps(body["messages"][1:] if SYSTEM_SUMMARY_MARK in json.dumps(body["messages"][:1])
+                        else body["messages"][:-1])
+    digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+    text = body["messages"][-1]["content"] if SYSTEM_SUMMARY_MARK in json.dumps(body["messages"][:1]) else source
+    return Answer(content="SUMMARY %s: %s" % (digest, text[:int(len(text) * SUMMARY_RATIO[0])]))
+
+
 def default_responder(body, number):
+    if is_summary_request(body):
+        return summary_answer(body)
     last = body["messages"][-1]
     text = last.get("content") if isinstance(last.get("content"), str) else json.dumps(last.get("content"))
     return Answer(content="Answer %d." % number,
