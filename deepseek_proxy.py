@@ -95,6 +95,7 @@ SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
 SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeouts
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
 UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
+PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
 
 # -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
 DATA_DIR = "."  # folder of the proxy's files and caches
@@ -274,7 +275,7 @@ class LRU:
 
 
 _CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
-_DENSE = re.compile(r"[{}\[\]()<>:;,=\"'`|\\/*+#@$%^&~-]")
+_DENSE_CHARS = str.maketrans("", "", "{}[]()<>:;,.=\"'`|\\/*+#@$%^&~-_!?\n\t")
 
 
 def estimate_tokens(text):
@@ -283,9 +284,9 @@ def estimate_tokens(text):
     if not text:
         return 0
     cjk = len(_CJK.findall(text)) if not text.isascii() else 0
-    dense = len(_DENSE.findall(text))
+    dense = len(text) - len(text.translate(_DENSE_CHARS))  # punctuation: a token each, nearly
     plain = len(text) - cjk - dense
-    return int((plain / 3.6 + dense * 0.6 + cjk * 0.6) * token_calibration.factor) + 1
+    return int((plain / 3.4 + dense * 0.55 + cjk * 0.6) * token_calibration.factor) + 1
 
 
 class TokenCalibration:
@@ -409,8 +410,9 @@ def reasoning_key(message, previous):
     return "text:" + sha256_text(asked + "\x00" + answer)
 
 
-class ReasoningCache:
-    """LRU of reasoning_content by reasoning_key, optionally mirrored to an append-only JSONL file.
+class PersistentLRU:
+    """An LRU (reasoning by reasoning_key, summaries by fingerprint), optionally mirrored to an
+    append-only JSONL file so that a restart in the middle of a session loses nothing.
 
     Each new entry is appended as one line (cheap and crash-safe); the file is rewritten compactly
     when it holds more than twice the capacity. A corrupt line is skipped.
@@ -431,22 +433,22 @@ class ReasoningCache:
                     self._lines += 1
                     try:
                         entry = json.loads(line)
-                        self.entries.put(entry["k"], entry["r"])
+                        self.entries.put(entry["k"], entry["v"])
                     except (ValueError, KeyError, TypeError):
                         continue
         except (OSError, UnicodeDecodeError) as error:
-            warn_once("reading the reasoning cache " + self.path, error)
-        log.info("reasoning cache: %d entries loaded from %s", len(self.entries), self.path)
+            warn_once("reading " + self.path, error)
+        log.info("%s: %d entries loaded", os.path.basename(self.path), len(self.entries))
 
     def recall(self, key):
         return self.entries.get(key) if key else None
 
-    def remember(self, key, reasoning):
-        if not key or reasoning is None or self.entries.get(key) == reasoning:
+    def remember(self, key, value):
+        if not key or value is None or self.entries.get(key) == value:
             return
-        self.entries.put(key, reasoning)
+        self.entries.put(key, value)
         if self.path:
-            self._append(json.dumps({"k": key, "r": reasoning}, ensure_ascii=False) + "\n")
+            self._append(json.dumps({"k": key, "v": value}, ensure_ascii=False) + "\n")
 
     def _append(self, line):
         with self._file_lock:
@@ -458,16 +460,17 @@ class ReasoningCache:
                 if self._lines > 2 * self.entries.capacity:
                     self._compact()
             except OSError as error:
-                warn_once("writing the reasoning cache " + self.path, error)
+                warn_once("writing " + self.path, error)
 
     def _compact(self):
         items = self.entries.items()
-        atomic_write(self.path, "".join(json.dumps({"k": k, "r": r}, ensure_ascii=False) + "\n"
-                                        for k, r in items))
+        atomic_write(self.path, "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n"
+                                        for k, v in items))
         self._lines = len(items)
 
 
-reasoning_cache = ReasoningCache(MAX_CACHE_SIZE)
+reasoning_cache = PersistentLRU(MAX_CACHE_SIZE)
+summary_cache = PersistentLRU(MAX_CACHE_SIZE)  # region fingerprint -> {summary, pulled}
 
 
 class SystemPromptStore:
@@ -580,6 +583,59 @@ class SystemPromptStore:
 
 
 system_prompts = SystemPromptStore()
+
+
+class ConversationSummaries:
+    """Makes conversation summaries: one call per region however many requests need it at once,
+    the result kept in summary_cache; after a failure the conversation is not summarised again for
+    a growing pause (30 s, doubled), keyed by its head."""
+
+    def __init__(self):
+        self.in_flight = {}  # plan key -> Event
+        self.failures = LRU(256)  # head fingerprint -> (failures, monotonic time of the next try)
+        self._lock = threading.Lock()
+
+    def summarise(self, plan, prefix, ctx):
+        """The summary for plan (messages as sent upstream up to plan.end: `prefix`), or None."""
+        head_key = sha256_text(json.dumps(prefix[:plan.head], sort_keys=True))
+        with self._lock:
+            failed = self.failures.get(head_key)
+            if failed and time.monotonic() < failed[1]:
+                return None
+            waiting = self.in_flight.get(plan.key)
+            if waiting is None:
+                done = self.in_flight[plan.key] = threading.Event()
+        if waiting is not None:
+            waiting.wait(UPSTREAM_TIMEOUT)
+            entry = summary_cache.recall(plan.key)
+            return entry["summary"] if entry else None
+        try:
+            summary = self._call(prefix, ctx)
+            summary_cache.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
+            self.failures.put(head_key, None)
+            return summary
+        except Exception as error:  # never fatal: the caller falls back
+            count = (self.failures.get(head_key) or (0, 0))[0] + 1
+            pause = 30.0 * 2 ** min(count - 1, 6)
+            self.failures.put(head_key, (count, time.monotonic() + pause))
+            log.warning("[%s] conversation summary failed (%s); next try in %.0fs", ctx.request_id,
+                        getattr(error, "body", None) and error.body["error"]["message"] or error, pause)
+            return None
+        finally:
+            with self._lock:
+                self.in_flight.pop(plan.key, None)
+            done.set()
+
+    @staticmethod
+    def _call(prefix, ctx):
+        """Shaped for DeepSeek's prefix cache: the conversation exactly as sent before (same tools,
+        thinking and reasoning), then one instruction; tool_choice none so it answers in text."""
+        messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
+        return request_summary(messages, SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
+                               tools=ctx.tools, thinking=ctx.thinking)
+
+
+conversation_summaries = ConversationSummaries()
 deepseek_api_key = ""  # set by main(); never logged
 
 
@@ -597,6 +653,7 @@ class RequestContext:
         self.normalised = None  # the messages after normalise_messages, as the client meant them
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
+        self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
 
     def removed(self, stage, text, kept=""):
         """Record that `stage` replaced `text` by `kept`."""
@@ -938,6 +995,144 @@ def compress_system_prompt(messages, ctx):
     return result
 
 
+CONVERSATION_SUMMARY_PROMPT = (
+    "Summarise the conversation above so that the work can continue from your summary alone, "
+    "without the messages it replaces. Do not call tools. Write in this structure:\n"
+    "Goal: what the user wants, in their terms.\n"
+    "Decisions and constraints: what was agreed or required.\n"
+    "Files and identifiers: every file path, function, class, command and value that matters, exactly.\n"
+    "Errors seen: error messages and their causes, exactly.\n"
+    "Done: what has been done, tool results that still matter.\n"
+    "Remaining: what is left to do, and the next step.\n"
+    "Be complete about facts and brief in words.")
+SUMMARY_OPEN = "<conversation-summary>\nThe earlier part of this conversation, summarised by the proxy:\n"
+SUMMARY_CLOSE = "\n</conversation-summary>"
+
+
+class SummaryPlan:
+    """Where a conversation is cut: messages[:head] stay, messages[head:end] are represented by a
+    summary (with the last user message among them, `pulled`, kept verbatim before it), and
+    messages[end:] stay. `key` fingerprints messages[:end] exactly: the summary cache key."""
+
+    def __init__(self, head, end, key, pulled):
+        self.head, self.end, self.key, self.pulled = head, end, key, pulled
+
+    def apply(self, messages, summary):
+        pulled = [messages[self.pulled]] if self.pulled is not None else []
+        inserted = {"role": "user", "content": SUMMARY_OPEN + summary + SUMMARY_CLOSE}
+        return messages[:self.head] + pulled + [inserted] + messages[self.end:]
+
+
+def conversation_head(messages):
+    """The leading part that is never summarised: system messages and the first user message
+    after them (a byte-stable context message like Copilot's, or the task itself)."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    if head < len(messages) and messages[head]["role"] == "user":
+        head += 1
+    return head
+
+
+def prefix_fingerprints(messages):
+    """fingerprints[k] identifies messages[:k] exactly (a SHA-256 chain, each message hashed once)."""
+    chain, fingerprints = b"", [b""]
+    for message in messages:
+        encoded = json.dumps(message, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        chain = hashlib.sha256(chain + hashlib.sha256(encoded).digest()).digest()
+        fingerprints.append(chain)
+    return [fingerprint.hex() for fingerprint in fingerprints]
+
+
+def tail_start(messages, sizes, floor):
+    """First index of the recent messages kept verbatim: at most TAIL_RATIO x MAX_CONTEXT tokens,
+    never starting on a tool result (its tool call must stay with it), never before `floor`."""
+    budget, used, start = TAIL_RATIO * MAX_CONTEXT, 0, len(messages)
+    while start > floor and used + sizes[start - 1] <= budget:
+        start -= 1
+        used += sizes[start]
+    if start == len(messages):
+        start -= 1  # the last message is always kept
+    while start > floor and messages[start]["role"] == "tool":
+        start -= 1  # back to the assistant message whose calls these results answer
+    return start
+
+
+def summarise_over_budget(messages, ctx):
+    """Past SUMMARY_RATIO x MAX_CONTEXT estimated tokens, replace the older turns by a summary.
+
+    Kept verbatim: system messages, the first user message, the last user message, and the recent
+    turns (TAIL_RATIO x MAX_CONTEXT). The summary is cached under the fingerprint of exactly what it
+    replaced, so the next requests of the conversation get identical bytes (DeepSeek's cache keeps
+    hitting) until the budget is crossed again; then summary and newer turns are summarised anew.
+    If summarising fails, the conversation goes whole, or without its oldest turns if DeepSeek's own
+    window would refuse it. This stage never fails a request.
+    """
+    if not SUMMARISE:
+        return messages
+    tools_tokens = estimate_tokens(json.dumps(ctx.tools, ensure_ascii=False)) if ctx.tools else 0
+    sizes = [message_tokens(message) for message in messages]
+    if sum(sizes) + tools_tokens < SUMMARY_RATIO * MAX_CONTEXT:
+        return messages
+    head = conversation_head(messages)
+    fingerprints = prefix_fingerprints(messages)
+    current, done_until = messages, head
+    for end in range(len(messages) - 1, head, -1):  # the newest summary that applies
+        entry = summary_cache.recall(fingerprints[end])
+        if entry:
+            plan = SummaryPlan(head, end, fingerprints[end], entry["pulled"])
+            current, done_until = plan.apply(messages, entry["summary"]), end
+            break
+    current_tokens = sum(message_tokens(message) for message in current) + tools_tokens
+    if done_until > head:
+        ctx.saved["summarise_over_budget"] = sum(sizes) + tools_tokens - current_tokens
+    if current_tokens < SUMMARY_RATIO * MAX_CONTEXT:
+        return current
+    end = tail_start(messages, sizes, done_until)
+    if end <= done_until:
+        return current  # nothing older than the tail is left to summarise
+    users = [index for index in range(head, end) if messages[index]["role"] == "user"]
+    plan = SummaryPlan(head, end, fingerprints[end], users[-1] if users else None)
+    offset = len(current) - len(messages)  # current[k + offset] is messages[k] for k >= done_until
+    summary = conversation_summaries.summarise(plan, current[:end + offset], ctx)
+    if summary is None:
+        return fit_upstream_window(current, ctx)
+    result = plan.apply(messages, summary)
+    ctx.saved["summarise_over_budget"] = sum(sizes) + tools_tokens - (
+        sum(message_tokens(message) for message in result) + tools_tokens)
+    ctx.notes.append("summarised %d messages" % (end - head))
+    return result
+
+
+def fit_upstream_window(messages, ctx):
+    """After a failed summary: send everything if DeepSeek's window takes it, else drop the oldest
+    whole turns after the head (a turn: a message with the tool results that answer it), never the
+    last user message nor the newest turn."""
+    limit = UPSTREAM_CONTEXT_WINDOW - MAX_OUTPUT_TOKENS
+    total = sum(message_tokens(message) for message in messages) + (
+        estimate_tokens(json.dumps(ctx.tools)) if ctx.tools else 0)
+    head = conversation_head(messages)
+    turns = []
+    for message in messages[head:]:
+        if message["role"] == "tool" and turns:
+            turns[-1].append(message)
+        else:
+            turns.append([message])
+    last_user = max([i for i, turn in enumerate(turns) if turn[0]["role"] == "user"] or [-1])
+    dropped = set()
+    for index, turn in enumerate(turns[:-1]):
+        if total <= limit:
+            break
+        if index != last_user:
+            dropped.add(index)
+            total -= sum(message_tokens(message) for message in turn)
+    if not dropped:
+        ctx.notes.append("summary failed; sent unsummarised")
+        return messages
+    ctx.notes.append("summary failed; dropped %d oldest turns" % len(dropped))
+    return messages[:head] + [message for index, turn in enumerate(turns) if index not in dropped
+                              for message in turn]
+
 PIPELINE = [
     normalise_messages,
     restore_reasoning,
@@ -945,6 +1140,7 @@ PIPELINE = [
     dedup_tool_outputs,
     dedup_markdown_blocks,
     compress_system_prompt,
+    summarise_over_budget,
 ]
 
 
@@ -1067,12 +1263,15 @@ def call_deepseek_json(payload, api_key, retries, base_sleep, timeout=None):
         return json.loads(response.read().decode("utf-8"))
 
 
-def request_summary(messages, max_tokens):
-    """The proxy's own summarisation call: SUMMARY_MODEL, thinking off, no tools, not streamed,
-    SUMMARISE_MAX_RETRIES attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling.
+def request_summary(messages, max_tokens, tools=None, thinking=False):
+    """The proxy's own summarisation call: SUMMARY_MODEL, not streamed, SUMMARISE_MAX_RETRIES
+    attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
+    sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
     Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
     payload = {"model": SUMMARY_MODEL, "messages": messages, "max_tokens": max_tokens,
-               "thinking": {"type": "disabled"}, "stream": False}
+               "thinking": {"type": "enabled" if thinking else "disabled"}, "stream": False}
+    if tools:
+        payload["tools"], payload["tool_choice"] = tools, "none"
     return summary_text(call_deepseek_json(payload, deepseek_api_key, SUMMARISE_MAX_RETRIES - 1,
                                            SUMMARISE_RETRY_BASE_SLEEP))
 
@@ -1468,8 +1667,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def finish_answer(self, ctx, collector, outcome):
         outcome["usage"] = collector.usage
-        if collector.usage and ctx.tokens_out:
-            token_calibration.observe(ctx.tokens_out, collector.usage.get("prompt_tokens"))
+        prompt_tokens = (collector.usage or {}).get("prompt_tokens")
+        if prompt_tokens and ctx.tokens_out:
+            ctx.estimate_error = (ctx.tokens_out - prompt_tokens) / prompt_tokens
+            token_calibration.observe(ctx.tokens_out, prompt_tokens)
         if outcome["status"] in (None, 200):
             outcome["status"] = 200
         remember_answer(ctx, collector.message())
@@ -1583,11 +1784,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         usage = outcome["usage"] or {}
         saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
         log.info("[%s] POST %s stream=%s msgs=%d est_in=%d est_out=%d status=%s prompt=%s hit=%s "
-                 "completion=%s cost=$%.6f reasoning restored=%d filled=%d saved=[%s]%s %.0fms",
+                 "completion=%s cost=$%.6f est_err=%s reasoning restored=%d filled=%d saved=[%s]%s %.0fms",
                  ctx.request_id, self.route(), bool(body.get("stream")), len(body.get("messages") or ()),
                  ctx.tokens_in, ctx.tokens_out, outcome["status"], usage.get("prompt_tokens", "-"),
                  usage.get("prompt_cache_hit_tokens", "-"), usage.get("completion_tokens", "-"),
-                 usage_cost(usage), ctx.reasoning_restored, ctx.reasoning_filled, saved,
+                 usage_cost(usage), "-" if ctx.estimate_error is None else "%+.1f%%" % (100 * ctx.estimate_error),
+                 ctx.reasoning_restored, ctx.reasoning_filled, saved,
                  (" notes=" + "; ".join(ctx.notes)) if ctx.notes else "", seconds * 1000)
 
 
@@ -1630,7 +1832,7 @@ def is_loopback(host):
 
 
 def main(argv=None):
-    global reasoning_cache, deepseek_api_key
+    global reasoning_cache, summary_cache, deepseek_api_key
     parse_args(argv)
     logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
@@ -1641,9 +1843,11 @@ def main(argv=None):
         log.warning("Listening on %s: reachable from other machines%s.", HOST,
                     "" if PROXY_KEY else " WITHOUT a proxy key")
     prepare_data_dir()
-    reasoning_cache = ReasoningCache(
+    reasoning_cache = PersistentLRU(
         MAX_CACHE_SIZE, data_path("reasoning_cache.jsonl") if PERSIST_REASONING else None)
     reasoning_cache.load()
+    summary_cache = PersistentLRU(MAX_CACHE_SIZE, data_path("summary_cache.jsonl") if PERSIST_SUMMARIES else None)
+    summary_cache.load()
     deepseek_api_key = load_api_key()
     if not deepseek_api_key:
         log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")

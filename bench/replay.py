@@ -42,6 +42,7 @@ CONFIGS = {
     "markdown=first": dict(OFF, MARKDOWN_DEDUP="first"),
     "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
     "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),
+    "summarise": dict(OFF, SUMMARISE=True),
     "compress_system (wait)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=600.0),
     "compress_system (background)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=0.0),
     "defaults": {},
@@ -49,17 +50,29 @@ CONFIGS = {
 SUMMARY_RATIO = 0.35  # the stand-in summariser's output length relative to its input
 
 
-def stand_in_summary(messages, max_tokens):
-    """Instead of DeepSeek: a summary SUMMARY_RATIO of the input's length; its cost is billed."""
-    source = messages[-1]["content"] if messages[0]["role"] == "system" else prompt_text(messages[:-1], None)
-    text = "Summary: " + source[:int(len(source) * SUMMARY_RATIO)]
-    SUMMARY_COSTS.append(proxy.usage_cost({"prompt_tokens": tokens(prompt_text(messages, None)),
-                                           "prompt_cache_hit_tokens": 0,
+CONVERSATION_SUMMARY_CHARS = 3000  # the stand-in's conversation summaries (~750 tokens)
+
+
+def stand_in_summary(messages, max_tokens, tools=None, thinking=False):
+    """Instead of DeepSeek: a system prompt comes back at SUMMARY_RATIO of its length, a
+    conversation as CONVERSATION_SUMMARY_CHARS characters. The call is billed under the same
+    prefix cache as the session, so a summary call that repeats the cached conversation hits."""
+    if messages[0]["role"] == "system" and messages[0]["content"] == proxy.SYSTEM_SUMMARY_PROMPT:
+        source = messages[-1]["content"]
+        text = "Summary: " + source[:int(len(source) * SUMMARY_RATIO)]
+    else:
+        source = prompt_text(messages[:-1], tools)
+        text = "Summary of %d messages: %s" % (len(messages) - 1, source[-CONVERSATION_SUMMARY_CHARS:])
+    prompt = prompt_text(messages, tools)
+    hit = min(CURRENT_CACHE[0].lookup(prompt), tokens(prompt))
+    CURRENT_CACHE[0].remember(prompt)
+    SUMMARY_COSTS.append(proxy.usage_cost({"prompt_tokens": tokens(prompt), "prompt_cache_hit_tokens": hit,
                                            "completion_tokens": tokens(text)}))
     return text
 
 
 SUMMARY_COSTS = []
+CURRENT_CACHE = [None]
 
 
 def tokens(text):
@@ -76,12 +89,16 @@ def replay(session, settings):
     defaults = {name: getattr(proxy, name) for name in set(settings) | set(OFF)}
     for name, value in settings.items():
         setattr(proxy, name, value)
-    proxy.reasoning_cache = proxy.ReasoningCache(proxy.MAX_CACHE_SIZE)
+    proxy.reasoning_cache = proxy.PersistentLRU(proxy.MAX_CACHE_SIZE)
     proxy.system_prompts = proxy.SystemPromptStore()
     proxy.DATA_DIR = tempfile.mkdtemp(prefix="bench-")
     del SUMMARY_COSTS[:]
-    cache = PrefixCache()
-    totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0)
+    proxy.summary_cache = proxy.PersistentLRU(proxy.MAX_CACHE_SIZE)
+    proxy.conversation_summaries = proxy.ConversationSummaries()
+    proxy.token_calibration = proxy.TokenCalibration()
+    cache = CURRENT_CACHE[0] = PrefixCache()
+    totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0,
+                  largest=0)
     try:
         for request in session.requests:
             proxy.system_prompts.wait_idle()  # a background summary is ready by the next request
@@ -100,6 +117,8 @@ def replay(session, settings):
             output = tokens(render_message(answer))
             totals["requests"] += 1
             totals["prompt"] += prompt
+            totals["largest"] = max(totals["largest"], prompt)
+            proxy.token_calibration.observe(proxy.messages_tokens(messages, request["tools"]), prompt)
             totals["hit"] += hit
             totals["output"] += output
             usage = {"prompt_tokens": prompt, "prompt_cache_hit_tokens": hit,
@@ -118,14 +137,14 @@ def replay(session, settings):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sessions", default=",".join(SESSIONS))
+    parser.add_argument("--sessions", default="copilot,cline,aider")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
     proxy.log.disabled = True
     proxy.request_summary = stand_in_summary
-    print("| session | configuration | requests | input tokens | cache hit | input cost $ | total cost $ "
-          "| vs baseline | pipeline ms/request |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| session | configuration | requests | input tokens | largest prompt | cache hit | summary calls "
+          "| input cost $ | total cost $ | vs baseline | pipeline ms/request |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for session_name in args.sessions.split(","):
         session = SESSIONS[session_name]()
         baseline = None
@@ -133,9 +152,9 @@ def main():
             totals = replay(session, CONFIGS[config_name])
             total = totals["cost_in"] + totals["cost_out"]
             baseline = baseline or total
-            print("| %s | %s | %d | %d | %.1f%% | %.4f | %.4f | %+.1f%% | %.1f |" % (
-                session_name, config_name, totals["requests"], totals["prompt"],
-                100.0 * totals["hit"] / max(1, totals["prompt"]), totals["cost_in"], total,
+            print("| %s | %s | %d | %d | %d | %.1f%% | %d | %.4f | %.4f | %+.1f%% | %.1f |" % (
+                session_name, config_name, totals["requests"], totals["prompt"], totals["largest"],
+                100.0 * totals["hit"] / max(1, totals["prompt"]), totals["summaries"], totals["cost_in"], total,
                 100.0 * (total - baseline) / baseline, 1000 * totals["pipeline_s"] / totals["requests"]))
 
 

@@ -202,12 +202,15 @@ def aider_session(seed=3, turns=30):
     return session
 
 
-SESSIONS = {"copilot": copilot_session, "cline": cline_session, "aider": aider_session}
+SESSIONS = {"copilot": copilot_session, "cline": cline_session, "aider": aider_session,
+            "copilot-long": lambda: copilot_session(seed=4, user_turns=16, rounds=8),
+            "cline-long": lambda: cline_session(seed=5, user_turns=13, rounds=8)}
 
 
 if __name__ == "__main__":
     for name, make in SESSIONS.items():
         session = make()
+        session.name = name
         last = session.requests[-1]
         chars = sum(len(json.dumps(m)) for m in last["messages"]) + len(json.dumps(last["tools"] or ""))
         print("%-8s requests=%3d last request ~%d chars (~%dK tokens at 4 chars/token)"

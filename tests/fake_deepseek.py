@@ -63,12 +63,17 @@ def is_summary_request(body):
 
 
 def summary_answer(body):
-    """A deterministic summary: a digest of the input and its first SUMMARY_RATIO of characters."""
-    source = json.dumps(body["messages"][1:] if SYSTEM_SUMMARY_MARK in json.dumps(body["messages"][:1])
-                        else body["messages"][:-1])
+    """A deterministic summary. Of a system prompt: a digest and its first SUMMARY_RATIO of
+    characters. Of a conversation: a digest of the messages before the instruction and their count."""
+    if SYSTEM_SUMMARY_MARK in json.dumps(body["messages"][:1]):
+        text = body["messages"][-1]["content"]
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        return Answer(content="SUMMARY %s: %s" % (digest, text[:int(len(text) * SUMMARY_RATIO[0])]),
+                      reasoning="Summarising.")
+    source = json.dumps(body["messages"][:-1], sort_keys=True)
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    text = body["messages"][-1]["content"] if SYSTEM_SUMMARY_MARK in json.dumps(body["messages"][:1]) else source
-    return Answer(content="SUMMARY %s: %s" % (digest, text[:int(len(text) * SUMMARY_RATIO[0])]))
+    return Answer(content="SUMMARY %s of %d messages." % (digest, len(body["messages"]) - 1),
+                  reasoning="Summarising.")
 
 
 def default_responder(body, number):
@@ -144,6 +149,8 @@ class FakeDeepSeek:
         self.reasoning_pieces = 3
         self.argument_fragment = 7  # characters per tool-call argument delta
         self.failures = collections.deque()  # ("status", code, body) | ("drop",) | ("break", n_chunks)
+        self.summary_failures = collections.deque()  # the same, for the proxy's summary calls only
+        self.summary_delay = 0.0  # seconds a summary call takes
         self.requests = []  # every chat request body, in arrival order
         self.headers = []  # their headers
         self.answers = []  # every answer message produced
@@ -360,7 +367,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         with fake.lock:
             fake.requests.append(body)
             fake.headers.append(dict(self.headers))
-            failure = fake.failures.popleft() if fake.failures else None
+            queue = fake.summary_failures if is_summary_request(body) else fake.failures
+            failure = queue.popleft() if queue else None
+        if is_summary_request(body) and fake.summary_delay:
+            time.sleep(fake.summary_delay)
         if failure and failure[0] == "status":
             return self.send_json(failure[1], failure[2] if len(failure) > 2 else error("injected"))
         if failure and failure[0] == "drop":

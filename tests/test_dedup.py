@@ -219,7 +219,7 @@ class PrefixStability(unittest.TestCase):
         def pipeline(messages, context):
             return dp.run_pipeline(messages, dp.RequestContext({"tools": [{"type": "function"}]}))
         pipeline.__name__ = "pipeline"
-        with mock.patch.object(dp, "reasoning_cache", dp.ReasoningCache(100)):
+        with mock.patch.object(dp, "reasoning_cache", dp.PersistentLRU(100)):
             self.assert_prefix_stable(pipeline, self.request_cuts)
 
 

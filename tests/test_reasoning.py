@@ -157,7 +157,7 @@ class ReasoningLoop(ProxyTestCase):
         status, messages = run_agent(restarted.port, True, start=messages)
         self.assertEqual(status, 200, messages)
         self.assert_upstream_got_exact_reasoning()
-        self.assertIn("reasoning cache: 2 entries loaded", restarted.log())
+        self.assertIn("reasoning_cache.jsonl: 2 entries loaded", restarted.log())
 
     def test_restart_mid_session_without_persistence(self):
         proxy = self.start_proxy(["--no-persist-reasoning"])
@@ -208,12 +208,12 @@ class ReasoningKey(unittest.TestCase):
     def test_cache_file_survives_corruption_and_compacts(self):
         import tempfile
         path = os.path.join(tempfile.mkdtemp(), "r.jsonl")
-        cache = proxy_module.ReasoningCache(3, path)
+        cache = proxy_module.PersistentLRU(3, path)
         for i in range(10):
             cache.remember("k%d" % i, "r%d" % i)
         with open(path, "a") as handle:
             handle.write("{not json\n")
-        loaded = proxy_module.ReasoningCache(3, path)
+        loaded = proxy_module.PersistentLRU(3, path)
         loaded.load()
         self.assertEqual([loaded.recall("k%d" % i) for i in range(10)], [None] * 7 + ["r7", "r8", "r9"])
         with open(path) as handle:

@@ -73,7 +73,7 @@ class SystemPromptCompression(ProxyTestCase):
 
     def test_failing_summariser_sends_the_original_after_three_attempts(self):
         error = {"error": {"message": "server busy", "type": "server_error"}}
-        self.fake.failures.extend([("status", 500, error)] * 3)
+        self.fake.summary_failures.extend([("status", 500, error)] * 3)
         started = time.monotonic()
         status, _, _ = self.proxy.chat(body())
         self.assertEqual(status, 200)
@@ -87,7 +87,7 @@ class SystemPromptCompression(ProxyTestCase):
         self.assertEqual(len(self.fake.requests), 5)
 
     def test_client_errors_are_not_retried(self):
-        self.fake.failures.append(("status", 402, {"error": {"message": "Insufficient Balance", "type": "x"}}))
+        self.fake.summary_failures.append(("status", 402, {"error": {"message": "Insufficient Balance", "type": "x"}}))
         self.assertEqual(self.proxy.chat(body())[0], 200)
         self.assertEqual(len(self.fake.requests), 2, "one summary attempt, then the chat call")
 
