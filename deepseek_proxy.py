@@ -33,6 +33,7 @@ import argparse
 import collections
 import hashlib
 import hmac
+import itertools
 import http.server
 import json
 import logging
@@ -96,6 +97,7 @@ SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeout
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
 UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
 PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
+PERSIST_STATS = True  # keep /stats totals in DATA_DIR/stats.json across restarts (saved each minute)
 
 # -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
 DATA_DIR = "."  # folder of the proxy's files and caches
@@ -1363,15 +1365,21 @@ def remember_answer(ctx, answer):
 
 
 class Stats:
-    """Running totals from DeepSeek's own usage figures, per model, and a per-minute series."""
+    """Running totals from DeepSeek's own usage figures, per model, and a per-minute series.
+    A call whose usage is missing counts in `unmeasured_calls`, never as zero tokens."""
 
-    SERIES_MINUTES = 1440
+    SERIES_MINUTES = 1440  # one day of per-minute points
+    REQUIRED = ("requests", "upstream_requests", "summary_requests", "failed_requests",
+                "client_prompt_tokens_estimate", "sent_prompt_tokens_estimate", "upstream_prompt_tokens",
+                "cache_hit_tokens", "cache_miss_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
+                "summary_cost_usd", "tokens_saved_estimate", "saved_usd_estimate", "reasoning_restored",
+                "reasoning_filled_empty", "unmeasured_calls")
 
     def __init__(self):
         self.started = time.time()
         self.totals = collections.Counter()
         self.per_model = collections.defaultdict(collections.Counter)
-        self.series = collections.OrderedDict()  # minute start -> Counter
+        self.series = collections.OrderedDict()  # minute start (epoch seconds) -> Counter
         self._lock = threading.Lock()
 
     def _add(self, model, values):
@@ -1379,8 +1387,7 @@ class Stats:
         with self._lock:
             self.totals.update(values)
             self.per_model[model].update(values)
-            bucket = self.series.setdefault(minute, collections.Counter())
-            bucket.update(values)
+            self.series.setdefault(minute, collections.Counter()).update(values)
             while len(self.series) > self.SERIES_MINUTES:
                 self.series.popitem(last=False)
 
@@ -1390,19 +1397,23 @@ class Stats:
             return {prefix + "unmeasured_calls": 1}
         hit = usage.get("prompt_cache_hit_tokens") or 0
         prompt = usage.get("prompt_tokens") or 0
+        miss = usage.get("prompt_cache_miss_tokens")
         return {prefix + "upstream_prompt_tokens": prompt, prefix + "cache_hit_tokens": hit,
-                prefix + "cache_miss_tokens": usage.get("prompt_cache_miss_tokens", max(0, prompt - hit)),
+                prefix + "cache_miss_tokens": max(0, prompt - hit) if miss is None else miss,
                 prefix + "completion_tokens": usage.get("completion_tokens") or 0,
                 prefix + "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
                     "reasoning_tokens") or 0,
-                prefix + "cost_usd_micro": round(usage_cost(usage) * 1e6)}
+                prefix + "cost_usd": usage_cost(usage)}
 
     def record_request(self, ctx, usage, failed, upstream_called):
+        saved = sum(ctx.saved.values())
         values = collections.Counter({"requests": 1, "failed_requests": int(failed),
                                       "upstream_requests": int(upstream_called),
                                       "client_prompt_tokens_estimate": ctx.tokens_in,
                                       "sent_prompt_tokens_estimate": ctx.tokens_out,
-                                      "tokens_saved_estimate": sum(ctx.saved.values()),
+                                      "tokens_saved_estimate": saved,
+                                      # a lower bound: removed tokens priced as if all were cache hits
+                                      "saved_usd_estimate": saved * PRICE_INPUT_CACHE_HIT / 1e6,
                                       "reasoning_restored": ctx.reasoning_restored,
                                       "reasoning_filled_empty": ctx.reasoning_filled})
         for stage, tokens in ctx.saved.items():
@@ -1421,21 +1432,96 @@ class Stats:
             totals = dict(self.totals)
             per_model = {model: dict(values) for model, values in self.per_model.items()}
             series = [dict(values, minute=minute) for minute, values in self.series.items()]
-        for block in [totals] + list(per_model.values()) + series:
-            for prefix in ("", "summary_"):
-                if prefix + "cost_usd_micro" in block:
-                    block[prefix + "cost_usd"] = block.pop(prefix + "cost_usd_micro") / 1e6
-        for name in ("requests", "upstream_requests", "summary_requests", "failed_requests",
-                     "client_prompt_tokens_estimate", "upstream_prompt_tokens", "cache_hit_tokens",
-                     "cache_miss_tokens", "completion_tokens", "cost_usd", "summary_cost_usd",
-                     "tokens_saved_estimate", "reasoning_restored", "reasoning_filled_empty"):
+        for name in self.REQUIRED:
             totals.setdefault(name, 0)
-        return {"uptime_s": round(time.time() - self.started, 1), "totals": totals, **totals,
+        totals["cache_hit_ratio"] = round(totals["cache_hit_tokens"] / totals["upstream_prompt_tokens"], 4) \
+            if totals["upstream_prompt_tokens"] else None
+        return {"uptime_s": round(time.time() - self.started, 1), **totals, "totals": totals,
                 "per_model": per_model, "per_minute": series,
-                "reasoning_cache_entries": len(reasoning_cache.entries)}
+                "prices_usd_per_million": {"input_cache_hit": PRICE_INPUT_CACHE_HIT,
+                                           "input_cache_miss": PRICE_INPUT_CACHE_MISS, "output": PRICE_OUTPUT},
+                "reasoning_cache_entries": len(reasoning_cache.entries),
+                "summary_cache_entries": len(summary_cache.entries)}
+
+    def save(self, path):
+        with self._lock:
+            state = {"totals": dict(self.totals), "per_model": {m: dict(v) for m, v in self.per_model.items()},
+                     "series": [[minute, dict(values)] for minute, values in self.series.items()]}
+        try:
+            atomic_write(path, json.dumps(state))
+        except OSError as error:
+            warn_once("writing " + path, error)
+
+    def load(self, path):
+        text = read_text(path)
+        if text is None:
+            return
+        try:
+            state = json.loads(text)
+            with self._lock:
+                self.totals.update(state["totals"])
+                for model, values in state["per_model"].items():
+                    self.per_model[model].update(values)
+                for minute, values in state["series"]:
+                    self.series[int(minute)] = collections.Counter(values)
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("ignoring unreadable %s: %s", path, error)
 
 
 stats = Stats()
+
+
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>deepseek-proxy</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330;background:#f6f7f9}
+h1{font-size:20px;margin:0 0 4px}small{color:#667}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.card{background:#fff;border-radius:8px;padding:12px 16px;min-width:150px;box-shadow:0 1px 2px #0002}
+.card b{display:block;font-size:22px}.card span{color:#667;font-size:12px}
+.chart{background:#fff;border-radius:8px;padding:12px;margin:12px 0;box-shadow:0 1px 2px #0002}
+.chart h2{font-size:14px;margin:0 0 6px}svg{width:100%;height:180px}
+.legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px;border-radius:2px}
+td{padding:2px 12px 2px 0}
+</style></head><body>
+<h1>deepseek-proxy</h1><small id="meta">loading...</small>
+<div class="cards" id="cards"></div>
+<div class="chart"><h2>Cost per minute (USD, from DeepSeek's usage)</h2><svg id="cost"></svg>
+<div class="legend"><i style="background:#3b6fd8"></i>chat<i style="background:#e08a1e"></i>proxy's own summaries</div></div>
+<div class="chart"><h2>Prompt tokens per minute</h2><svg id="tokens"></svg>
+<div class="legend"><i style="background:#2a9d6f"></i>cache hit<i style="background:#d84b3b"></i>cache miss
+<i style="background:#8a8fa3"></i>removed by the pipeline (estimate)</div></div>
+<div class="chart"><h2>Tokens removed, by stage (estimate)</h2><table id="stages"></table></div>
+<script>
+function fmt(n,d){return n==null?"-":Number(n).toLocaleString(undefined,{maximumFractionDigits:d||0})}
+function usd(n){return "$"+Number(n||0).toFixed(4)}
+function bars(svg,points,series){
+  var w=svg.clientWidth||800,h=180,max=1e-12,out="",slot=w/Math.max(points.length,30);
+  points.forEach(function(p){var t=0;series.forEach(function(s){t+=p[s.key]||0});max=Math.max(max,t)});
+  points.forEach(function(p,i){var y=h-4;series.forEach(function(s){var v=(p[s.key]||0)/max*(h-20);y-=v;
+    out+='<rect x="'+(i*slot+1).toFixed(1)+'" y="'+y.toFixed(1)+'" width="'+Math.max(slot-2,1).toFixed(1)+'" height="'+v.toFixed(1)+'" fill="'+s.color+'"><title>'+new Date(p.minute*1000).toLocaleTimeString()+" "+s.key+": "+fmt(p[s.key],6)+'</title></rect>'})});
+  out+='<text x="4" y="12" font-size="11" fill="#667">max '+fmt(max,4)+' per minute; last '+points.length+' min</text>';
+  svg.innerHTML=points.length?out:'<text x="10" y="90" fill="#667">no requests yet</text>'}
+function refresh(){fetch("stats").then(function(r){return r.json()}).then(function(s){
+  document.getElementById("meta").textContent="up "+fmt(s.uptime_s/60,1)+" min, refreshed "+new Date().toLocaleTimeString();
+  var cards=[["Spent",usd(s.cost_usd+s.summary_cost_usd),"chat "+usd(s.cost_usd)+" + summaries "+usd(s.summary_cost_usd)],
+    ["Saved (estimate)",usd(s.saved_usd_estimate),fmt(s.tokens_saved_estimate)+" tokens removed, priced as cache hits"],
+    ["Cache hit",s.cache_hit_ratio==null?"-":(100*s.cache_hit_ratio).toFixed(1)+"%",fmt(s.cache_hit_tokens)+" of "+fmt(s.upstream_prompt_tokens)+" prompt tokens"],
+    ["Requests",fmt(s.requests),fmt(s.failed_requests)+" failed, "+fmt(s.summary_requests)+" summary calls"],
+    ["Reasoning restored",fmt(s.reasoning_restored),fmt(s.reasoning_filled_empty)+" filled with empty"]];
+  document.getElementById("cards").innerHTML=cards.map(function(c){return '<div class="card"><span>'+c[0]+'</span><b>'+c[1]+'</b><span>'+c[2]+'</span></div>'}).join("");
+  var pts=s.per_minute.slice(-120);
+  bars(document.getElementById("cost"),pts,[{key:"cost_usd",color:"#3b6fd8"},{key:"summary_cost_usd",color:"#e08a1e"}]);
+  bars(document.getElementById("tokens"),pts,[{key:"cache_hit_tokens",color:"#2a9d6f"},{key:"cache_miss_tokens",color:"#d84b3b"},{key:"tokens_saved_estimate",color:"#8a8fa3"}]);
+  document.getElementById("stages").innerHTML=Object.keys(s).filter(function(k){return k.indexOf("saved_by_")==0}).map(function(k){return "<tr><td>"+k.slice(9)+"</td><td>"+fmt(s[k])+"</td></tr>"}).join("")||"<tr><td>nothing removed yet</td></tr>";
+}).catch(function(e){document.getElementById("meta").textContent="cannot read /stats: "+e})}
+refresh();setInterval(refresh,5000);
+</script></body></html>
+"""
+
+
+_dump_sequence = itertools.count()  # orders dumps made within the same second
 
 
 def dump_messages(ctx, client_body, upstream_body):
@@ -1443,7 +1529,7 @@ def dump_messages(ctx, client_body, upstream_body):
     Only bodies are written, never headers, so no key reaches the disk."""
     if not SAVE_PREPOST_MSGS:
         return
-    name = time.strftime("%Y%m%d-%H%M%S") + "-" + ctx.request_id + ".json"
+    name = "%s-%06d-%s.json" % (time.strftime("%Y%m%d-%H%M%S"), next(_dump_sequence), ctx.request_id)
     for folder, body in (("pre_msg", client_body), ("post_msg", upstream_body)):
         try:
             atomic_write(data_path(folder, name), json.dumps(body, ensure_ascii=False, indent=1))
@@ -1540,6 +1626,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                  "model": DEFAULT_MODEL, "api_key_configured": bool(deepseek_api_key)})
         elif path in ("/stats", "/v1/stats"):
             self.send_json(200, stats.snapshot())
+        elif path in ("/", "/dashboard"):
+            self.send_body(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                           {"Cache-Control": "no-store"})
         elif path in CHAT_PATHS:
             self.send_error_json(405, "Use POST for chat completions.", "method_not_allowed")
         else:
@@ -1827,6 +1916,12 @@ def prepare_data_dir():
             warn_once("creating " + data_path(sub), error)
 
 
+def save_stats_every_minute():
+    while True:
+        time.sleep(60)
+        stats.save(data_path("stats.json"))
+
+
 def is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
@@ -1848,6 +1943,10 @@ def main(argv=None):
     reasoning_cache.load()
     summary_cache = PersistentLRU(MAX_CACHE_SIZE, data_path("summary_cache.jsonl") if PERSIST_SUMMARIES else None)
     summary_cache.load()
+    if PERSIST_STATS:
+        stats.load(data_path("stats.json"))
+        saver = threading.Thread(target=save_stats_every_minute, daemon=True, name="stats-saver")
+        saver.start()
     deepseek_api_key = load_api_key()
     if not deepseek_api_key:
         log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
@@ -1877,6 +1976,8 @@ def main(argv=None):
     if server.in_flight:
         log.warning("%d requests still open at shutdown; closing them", server.in_flight)
     server.server_close()
+    if PERSIST_STATS:
+        stats.save(data_path("stats.json"))
     log.info("stopped")
     return 0
 

@@ -47,7 +47,7 @@ class Answer:
     def __init__(self, content="", reasoning=None, tool_calls=None, finish_reason=None):
         self.content = content
         self.reasoning = reasoning
-        self.tool_calls = tool_calls or []  # [(name, arguments dict)]
+        self.tool_calls = tool_calls or []  # [(name, arguments dict)] or [(name, arguments, call id)]
         self.finish_reason = finish_reason
 
 
@@ -154,6 +154,8 @@ class FakeDeepSeek:
         self.requests = []  # every chat request body, in arrival order
         self.headers = []  # their headers
         self.answers = []  # every answer message produced
+        self.usages = []  # the usage of every answer, in order
+        self.omit_usage = False  # answer without usage (to test "unmeasured")
         self.cache = PrefixCache()
         self.calls = 0
         self.lock = threading.Lock()
@@ -262,9 +264,9 @@ class FakeDeepSeek:
             message["reasoning_content"] = answer.reasoning if answer.reasoning is not None else ""
         if answer.tool_calls:
             message["tool_calls"] = [
-                {"index": i, "id": "call_%02d_%s" % (i, uuid.uuid4().hex[:24]), "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(arguments)}}
-                for i, (name, arguments) in enumerate(answer.tool_calls)]
+                {"index": i, "id": call[2] if len(call) > 2 else "call_%02d_%s" % (i, uuid.uuid4().hex[:24]),
+                 "type": "function", "function": {"name": call[0], "arguments": json.dumps(call[1])}}
+                for i, call in enumerate(answer.tool_calls)]
         finish = answer.finish_reason or ("tool_calls" if answer.tool_calls else "stop")
         prompt_text = (json.dumps(body.get("tools"), sort_keys=True) if body.get("tools") else "") + \
             "".join(render_message(m) for m in body["messages"])
@@ -286,7 +288,8 @@ class FakeDeepSeek:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
         with self.lock:
             self.answers.append(history_message)
-        return message, finish, usage
+            self.usages.append(usage)
+        return message, finish, None if self.omit_usage else usage
 
     def chunks(self, body, message, finish, usage):
         """The streamed form of an answer, as DeepSeek sends it."""

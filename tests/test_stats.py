@@ -1,0 +1,130 @@
+"""Accounting: /stats from DeepSeek's usage, per-request headers, the dashboard, message dumps."""
+
+import json
+import os
+import re
+
+from helpers import API_KEY, ProxyTestCase, wait_for
+from fake_deepseek import is_summary_request
+
+LONG_SYSTEM = "<instructions>\n" + "\n".join("- Rule %d: be exact about paths." % i for i in range(300)) + "\n</instructions>"
+
+
+def body(**extra):
+    result = {"model": "x", "messages": [{"role": "user", "content": "Hello"}]}
+    result.update(extra)
+    return result
+
+
+class Stats(ProxyTestCase):
+    def stats(self):
+        status, _, raw = self.proxy.request("GET", "/stats")
+        self.assertEqual(status, 200)
+        return json.loads(raw)
+
+    def test_stats_equal_the_sums_of_deepseeks_usage(self):
+        for stream in (False, True, False, True):
+            self.assertEqual(self.proxy.chat(body(stream=stream))[0], 200)
+        self.fake.failures.append(("status", 400, {"error": {"message": "bad", "type": "x"}}))
+        self.assertEqual(self.proxy.chat(body())[0], 400)
+        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 5))
+        stats = self.stats()
+        usages = self.fake.usages
+        self.assertEqual(len(usages), 4)
+        for field, key in (("upstream_prompt_tokens", "prompt_tokens"), ("cache_hit_tokens", "prompt_cache_hit_tokens"),
+                           ("cache_miss_tokens", "prompt_cache_miss_tokens"), ("completion_tokens", "completion_tokens")):
+            self.assertEqual(stats[field], sum(u[key] for u in usages), field)
+        self.assertEqual(stats["reasoning_tokens"], sum(u["completion_tokens_details"]["reasoning_tokens"] for u in usages))
+        cost = sum((u["prompt_cache_hit_tokens"] * 0.028 + u["prompt_cache_miss_tokens"] * 0.14
+                    + u["completion_tokens"] * 0.28) / 1e6 for u in usages)
+        self.assertAlmostEqual(stats["cost_usd"], cost, places=12)
+        self.assertEqual((stats["requests"], stats["failed_requests"], stats["upstream_requests"]), (5, 1, 5))
+        self.assertEqual(stats["summary_requests"], 0)
+        self.assertEqual(stats["unmeasured_calls"], 0)
+        self.assertEqual(sum(point.get("requests", 0) for point in stats["per_minute"]), 5)
+        self.assertEqual(stats["per_model"]["deepseek-v4-flash"]["upstream_prompt_tokens"], stats["upstream_prompt_tokens"])
+        for name in ("client_prompt_tokens_estimate", "tokens_saved_estimate", "reasoning_restored",
+                     "reasoning_filled_empty", "uptime_s", "summary_cost_usd"):
+            self.assertIn(name, stats)
+
+    def test_missing_usage_is_unmeasured_not_zero(self):
+        self.fake.omit_usage = True
+        self.proxy.chat(body(stream=True))
+        self.proxy.chat(body())
+        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 2))
+        stats = self.stats()
+        self.assertEqual(stats["unmeasured_calls"], 2)
+        self.assertEqual(stats["upstream_prompt_tokens"], 0)
+        self.assertIsNone(stats["cache_hit_ratio"])
+
+    def test_per_request_headers(self):
+        status, headers, answer = self.proxy.chat(body())
+        self.assertEqual(headers["X-Proxy-Cache-Hit-Tokens"], str(answer["usage"]["prompt_cache_hit_tokens"]))
+        self.assertEqual(float(headers["X-Proxy-Cost-USD"]), round((answer["usage"]["prompt_cache_hit_tokens"] * 0.028
+                         + answer["usage"]["prompt_cache_miss_tokens"] * 0.14
+                         + answer["usage"]["completion_tokens"] * 0.28) / 1e6, 6))
+        status, headers, _ = self.proxy.chat(body(stream=True))
+        self.assertIn("X-Proxy-Tokens-In", headers)
+        self.assertNotIn("X-Proxy-Cache-Hit-Tokens", headers, "not known before a stream's headers")
+
+    def test_stats_survive_a_restart(self):
+        self.proxy.chat(body())
+        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 1))
+        self.proxy.stop()
+        self.proxy = self.start_proxy()
+        self.assertEqual(self.stats()["requests"], 1)
+
+    def test_dashboard_is_one_self_contained_page(self):
+        for path in ("/", "/dashboard"):
+            status, headers, raw = self.proxy.request("GET", path)
+            self.assertEqual(status, 200)
+            self.assertTrue(headers["Content-Type"].startswith("text/html"))
+            page = raw.decode()
+            self.assertIn("<svg", page)
+            self.assertIn('fetch("stats")', page)
+            self.assertIsNone(re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page), "no external assets")
+
+
+class SummaryAccounting(ProxyTestCase):
+    proxy_args = ("--system-min-chars", "2000", "--system-wait", "10")
+
+    def test_summary_calls_are_kept_apart(self):
+        self.proxy.chat({"model": "x", "messages": [{"role": "system", "content": LONG_SYSTEM},
+                                                   {"role": "user", "content": "Hi"}]})
+        _, _, raw = self.proxy.request("GET", "/stats")
+        self.assertTrue(wait_for(lambda: json.loads(self.proxy.request("GET", "/stats")[2])["requests"] == 1))
+        stats = json.loads(self.proxy.request("GET", "/stats")[2])
+        summary_usage = [u for u, r in zip(self.fake.usages, [r for r in self.fake.requests]) if is_summary_request(r)]
+        chat_usage = [u for u, r in zip(self.fake.usages, self.fake.requests) if not is_summary_request(r)]
+        self.assertEqual(stats["summary_requests"], 1)
+        self.assertEqual(stats["summary_upstream_prompt_tokens"], summary_usage[0]["prompt_tokens"])
+        self.assertEqual(stats["upstream_prompt_tokens"], chat_usage[0]["prompt_tokens"])
+        self.assertGreater(stats["summary_cost_usd"], 0)
+        self.assertGreater(stats["saved_by_compress_system_prompt"], 0)
+
+
+class MessageDumps(ProxyTestCase):
+    proxy_args = ("--save-prepost-msgs", "--max-dump-files", "3")
+
+    def test_dumps_match_bound_and_hold_no_key(self):
+        for i in range(5):
+            self.proxy.chat(body(messages=[{"role": "developer", "content": "d%d" % i},
+                                           {"role": "user", "content": "Hi %d" % i}]),
+                            headers={"Authorization": "Bearer sk-client-secret"})
+        pre = sorted(os.listdir(os.path.join(self.data_dir, "pre_msg")))
+        post = sorted(os.listdir(os.path.join(self.data_dir, "post_msg")))
+        self.assertEqual(pre, post)
+        self.assertEqual(len(pre), 3, "oldest removed")
+        with open(os.path.join(self.data_dir, "pre_msg", pre[-1])) as handle:
+            client = json.load(handle)
+        with open(os.path.join(self.data_dir, "post_msg", post[-1])) as handle:
+            upstream = json.load(handle)
+        self.assertEqual(client["messages"][0]["role"], "developer")
+        self.assertEqual(upstream["messages"][0]["role"], "system")
+        self.assertEqual(upstream["model"], "deepseek-v4-flash")
+        for folder in ("pre_msg", "post_msg"):
+            for name in os.listdir(os.path.join(self.data_dir, folder)):
+                with open(os.path.join(self.data_dir, folder, name)) as handle:
+                    text = handle.read()
+                self.assertNotIn(API_KEY, text)
+                self.assertNotIn("sk-client-secret", text)
