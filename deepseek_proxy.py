@@ -341,13 +341,6 @@ def message_tokens(message):
     return tokens
 
 
-def messages_tokens(messages, tools=None):
-    total = sum(message_tokens(message) for message in messages)
-    if tools:
-        total += estimate_tokens(json.dumps(tools, ensure_ascii=False))
-    return total
-
-
 def error_body(message, error_type="invalid_request_error", code=None, param=None):
     """The one place that knows the OpenAI/DeepSeek error envelope."""
     return {"error": {"message": message, "type": error_type, "param": param,
@@ -656,6 +649,22 @@ class RequestContext:
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
+        self._token_memo = {}  # id(message) -> (message, tokens)
+        self._tools_tokens = None
+
+    def message_tokens(self, message):
+        """Estimated tokens of a message, computed once per message object in this request (the
+        stages pass unchanged messages on as the same objects)."""
+        entry = self._token_memo.get(id(message))
+        if entry is None or entry[0] is not message:
+            entry = self._token_memo[id(message)] = (message, message_tokens(message))
+        return entry[1]
+
+    def prompt_tokens(self, messages):
+        """Estimated prompt tokens of messages plus this request's tool definitions."""
+        if self._tools_tokens is None:
+            self._tools_tokens = estimate_tokens(json.dumps(self.tools)) if self.tools else 0
+        return sum(self.message_tokens(message) for message in messages) + self._tools_tokens
 
     def removed(self, stage, text, kept=""):
         """Record that `stage` replaced `text` by `kept`."""
@@ -701,12 +710,31 @@ def normalise_tool_call(call):
             "function": {"name": function.get("name"), "arguments": arguments}}
 
 
+def is_clean(message):
+    """True when normalise_messages would return the message unchanged."""
+    keys = MESSAGE_KEYS.get(message["role"])
+    if keys is None or not isinstance(message.get("content"), (str, type(None))) or not set(message) <= set(keys):
+        return False
+    if message["role"] == "assistant":
+        if "content" not in message or ("tool_calls" in message and not message["tool_calls"]):
+            return False
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            if set(call) != {"id", "type", "function"} or set(function) != {"name", "arguments"} \
+                    or not isinstance(function["arguments"], str) or not call["type"]:
+                return False
+    return True
+
+
 def normalise_messages(messages, ctx):
     """Make the client's messages valid for DeepSeek: role developer becomes system, keys DeepSeek
     does not define (copilot_cache_control, cot_id, cache_control on parts, ...) go, tool-call
     arguments are strings. Content stays a string or a list of parts, as the client sent it."""
     result = []
     for message in messages:
+        if is_clean(message):
+            result.append(message)  # the same object: nothing to change, nothing to copy
+            continue
         role = ROLE_ALIASES.get(message["role"], message["role"])
         clean = {"role": role}
         for key in MESSAGE_KEYS[role][1:]:
@@ -896,6 +924,8 @@ _FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$")
 
 def find_fenced_blocks(text):
     """(start, end, opening line, closing line, body) of each closed fenced code block."""
+    if "```" not in text and "~~~" not in text:
+        return []
     blocks, offset, opening = [], 0, None
     for line in text.splitlines(keepends=True):
         stripped = line.rstrip("\r\n")
@@ -933,6 +963,7 @@ def dedup_markdown_blocks(messages, ctx):
                 if len(block[4]) >= MIN_BLOCK_CHARS:
                     occurrences[sha256_text(block[4])].append((index, turn))
     keep = {}  # body hash -> index of the message whose copy stays full
+    touched = set()  # messages with a copy to replace
     for fingerprint, places in occurrences.items():
         if len(places) < 2:
             continue
@@ -943,12 +974,13 @@ def dedup_markdown_blocks(messages, ctx):
             keep[fingerprint] = [index for index, turn_of in places if turn_of == first_turn][-1]
         else:
             keep[fingerprint] = places[0][0]
-    if not keep:
+        touched.update(index for index, _turn in places if index != keep[fingerprint])
+    if not touched:
         return messages
 
     result = []
     for index, message in enumerate(messages):
-        if message["role"] in ("user", "assistant", "tool") and message.get("content"):
+        if index in touched:
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
                 for start, end, open_line, close_line, body in find_fenced_blocks(text):
@@ -1072,9 +1104,9 @@ def summarise_over_budget(messages, ctx):
     """
     if not SUMMARISE:
         return messages
-    tools_tokens = estimate_tokens(json.dumps(ctx.tools, ensure_ascii=False)) if ctx.tools else 0
-    sizes = [message_tokens(message) for message in messages]
-    if sum(sizes) + tools_tokens < SUMMARY_RATIO * MAX_CONTEXT:
+    sizes = [ctx.message_tokens(message) for message in messages]
+    total = ctx.prompt_tokens(messages)
+    if total < SUMMARY_RATIO * MAX_CONTEXT:
         return messages
     head = conversation_head(messages)
     fingerprints = prefix_fingerprints(messages)
@@ -1085,9 +1117,9 @@ def summarise_over_budget(messages, ctx):
             plan = SummaryPlan(head, end, fingerprints[end], entry["pulled"])
             current, done_until = plan.apply(messages, entry["summary"]), end
             break
-    current_tokens = sum(message_tokens(message) for message in current) + tools_tokens
+    current_tokens = ctx.prompt_tokens(current)
     if done_until > head:
-        ctx.saved["summarise_over_budget"] = sum(sizes) + tools_tokens - current_tokens
+        ctx.saved["summarise_over_budget"] = total - current_tokens
     if current_tokens < SUMMARY_RATIO * MAX_CONTEXT:
         return current
     end = tail_start(messages, sizes, done_until)
@@ -1100,8 +1132,7 @@ def summarise_over_budget(messages, ctx):
     if summary is None:
         return fit_upstream_window(current, ctx)
     result = plan.apply(messages, summary)
-    ctx.saved["summarise_over_budget"] = sum(sizes) + tools_tokens - (
-        sum(message_tokens(message) for message in result) + tools_tokens)
+    ctx.saved["summarise_over_budget"] = total - ctx.prompt_tokens(result)
     ctx.notes.append("summarised %d messages" % (end - head))
     return result
 
@@ -1111,8 +1142,7 @@ def fit_upstream_window(messages, ctx):
     whole turns after the head (a turn: a message with the tool results that answer it), never the
     last user message nor the newest turn."""
     limit = UPSTREAM_CONTEXT_WINDOW - MAX_OUTPUT_TOKENS
-    total = sum(message_tokens(message) for message in messages) + (
-        estimate_tokens(json.dumps(ctx.tools)) if ctx.tools else 0)
+    total = ctx.prompt_tokens(messages)
     head = conversation_head(messages)
     turns = []
     for message in messages[head:]:
@@ -1127,7 +1157,7 @@ def fit_upstream_window(messages, ctx):
             break
         if index != last_user:
             dropped.add(index)
-            total -= sum(message_tokens(message) for message in turn)
+            total -= sum(ctx.message_tokens(message) for message in turn)
     if not dropped:
         ctx.notes.append("summary failed; sent unsummarised")
         return messages
@@ -1210,7 +1240,7 @@ def open_upstream(payload, api_key, retries=None, base_sleep=None, timeout=None)
     retries = UPSTREAM_MAX_RETRIES if retries is None else retries
     base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
     url = DEEPSEEK_BASE.rstrip("/") + "/chat/completions"
-    data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    data = json.dumps(payload).encode("ascii")  # \u escapes: the C encoder's fast path
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + api_key,
                "Accept": "text/event-stream" if payload.get("stream") else "application/json",
                "User-Agent": "deepseek-proxy/" + __version__}
@@ -1610,6 +1640,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.settimeout(CLIENT_TIMEOUT)
+        # Small writes (headers, then body; each SSE event) must leave at once, not wait for the
+        # client's delayed ACK (Nagle): that alone costs ~40 ms per response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format, *args):  # the request log line is written by handle_chat
         log.debug("%s %s", self.address_string(), format % args)
@@ -1665,9 +1698,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
         ctx = RequestContext(body)
-        ctx.tokens_in = messages_tokens(body["messages"], body.get("tools"))
+        ctx.tokens_in = ctx.prompt_tokens(body["messages"])
         messages = run_pipeline(body["messages"], ctx)
-        ctx.tokens_out = messages_tokens(messages, body.get("tools"))
+        ctx.tokens_out = ctx.prompt_tokens(messages)
         upstream_body = build_upstream_body(body, messages, ctx)
         dump_messages(ctx, body, upstream_body)
         outcome = {"status": None, "usage": None, "called": False}

@@ -118,7 +118,7 @@ def replay(session, settings):
             totals["requests"] += 1
             totals["prompt"] += prompt
             totals["largest"] = max(totals["largest"], prompt)
-            proxy.token_calibration.observe(proxy.messages_tokens(messages, request["tools"]), prompt)
+            proxy.token_calibration.observe(ctx.prompt_tokens(messages), prompt)
             totals["hit"] += hit
             totals["output"] += output
             usage = {"prompt_tokens": prompt, "prompt_cache_hit_tokens": hit,

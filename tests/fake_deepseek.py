@@ -20,6 +20,7 @@ import hashlib
 import http.server
 import json
 import math
+import socket
 import threading
 import time
 import uuid
@@ -156,6 +157,7 @@ class FakeDeepSeek:
         self.answers = []  # every answer message produced
         self.usages = []  # the usage of every answer, in order
         self.omit_usage = False  # answer without usage (to test "unmeasured")
+        self.record = True  # keep requests, answers and usages (benchmarks turn it off)
         self.cache = PrefixCache()
         self.calls = 0
         self.lock = threading.Lock()
@@ -287,8 +289,9 @@ class FakeDeepSeek:
         if thinking:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
         with self.lock:
-            self.answers.append(history_message)
-            self.usages.append(usage)
+            if self.record:
+                self.answers.append(history_message)
+                self.usages.append(usage)
         return message, finish, None if self.omit_usage else usage
 
     def chunks(self, body, message, finish, usage):
@@ -332,6 +335,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     owner = None
 
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format, *args):
         pass
 
@@ -368,8 +375,9 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         except ValueError:
             return self.send_json(400, error("Failed to parse the request body as JSON"))
         with fake.lock:
-            fake.requests.append(body)
-            fake.headers.append(dict(self.headers))
+            if fake.record:
+                fake.requests.append(body)
+                fake.headers.append(dict(self.headers))
             queue = fake.summary_failures if is_summary_request(body) else fake.failures
             failure = queue.popleft() if queue else None
         if is_summary_request(body) and fake.summary_delay:
