@@ -1593,7 +1593,8 @@ def validate_chat_request(body):
         where = "messages[%d]" % index
         if not isinstance(message, dict):
             raise ClientError(400, where + " must be an object.")
-        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
         if role not in MESSAGE_KEYS:
             raise ClientError(400, "%s.role must be one of system, developer, user, assistant, tool; got %r."
                               % (where, message.get("role")))
@@ -1623,6 +1624,18 @@ def validate_chat_request(body):
         raise ClientError(400, "'tools' must be an array.")
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise ClientError(400, "'stream' must be a boolean.")
+
+
+# A \uD800-\uDFFF escape that is not half of a pair: valid JSON, but not text DeepSeek can take
+# (a truncated emoji). Escaped pairs, as ASCII-only JSON encoders write every emoji, are fine.
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def replace_lone_surrogates(body):
+    """The body with each unpaired surrogate replaced by U+FFFD."""
+    text = json.dumps(body, ensure_ascii=False).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return json.loads(text)
 
 
 def bearer_token(header):
@@ -1828,11 +1841,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if len(raw) < length:
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
         try:
-            return json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
+        if _LONE_SURROGATE.search(raw):
+            body = replace_lone_surrogates(body)
+        return body
 
     def discard_body(self):
         try:
@@ -1899,7 +1915,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                        "application/json", headers)
 
     def send_error_json(self, status, message, code):
-        error_type = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+        error_type = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(
+            status, "invalid_request_error")
         self.send_json(status, error_body(message, error_type, code))
 
     def log_chat(self, ctx, body, outcome, seconds):

@@ -372,7 +372,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                                              % key[-4:], "authentication_error"))
         try:
             body = json.loads(raw)
-        except ValueError:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates are not text
+        except (ValueError, UnicodeEncodeError):
             return self.send_json(400, error("Failed to parse the request body as JSON"))
         with fake.lock:
             if fake.record:
