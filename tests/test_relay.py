@@ -5,7 +5,7 @@ import json
 import time
 import unittest
 
-from helpers import API_KEY, Proxy, ProxyTestCase, assemble_stream, sse_data
+from helpers import API_KEY, Proxy, ProxyTestCase, assemble_stream, sse_data  # noqa: F401 (sys.path)
 from fake_deepseek import Answer
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
@@ -226,6 +226,18 @@ class Errors(ProxyTestCase):
         self.assertEqual(status, 404)
         self.assertIn("error", json.loads(raw))
         self.assertEqual(len(self.fake.requests), 0)
+
+
+class Documentation(unittest.TestCase):
+    def test_readme_documents_every_flag(self):
+        import os
+        import deepseek_proxy
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as handle:
+            readme = handle.read()
+        for name in deepseek_proxy.config_help():
+            flag = "--" + deepseek_proxy.FLAG_NAMES.get(name, name.lower()).replace("_", "-")
+            self.assertIn("`" + flag + "`", readme, name)
+        self.assertIn("python -m unittest discover -s tests -v", readme)
 
 
 class Routes(ProxyTestCase):
