@@ -91,7 +91,7 @@ SUMMARISE = True  # summarise older turns when a conversation passes SUMMARY_RAT
 MAX_CONTEXT = 128000  # tokens the proxy budgets one conversation to
 SUMMARY_RATIO = 0.8  # fraction of MAX_CONTEXT that triggers summarisation
 TAIL_RATIO = 0.25  # fraction of MAX_CONTEXT of recent turns always kept verbatim
-SUMMARY_MODEL = DEFAULT_MODEL  # model of the proxy's own summarisation calls
+SUMMARY_MODEL = ""  # model of the proxy's summary calls; empty: DEFAULT_MODEL (whose prompt cache it shares)
 SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
 SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeouts
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
@@ -1300,7 +1300,7 @@ def request_summary(messages, max_tokens, tools=None, thinking=False):
     attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
     sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
     Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
-    payload = {"model": SUMMARY_MODEL, "messages": messages, "max_tokens": max_tokens,
+    payload = {"model": SUMMARY_MODEL or DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
                "thinking": {"type": "enabled" if thinking else "disabled"}, "stream": False}
     if tools:
         payload["tools"], payload["tool_choice"] = tools, "none"
@@ -1455,7 +1455,7 @@ class Stats:
     def record_summary(self, usage):
         values = collections.Counter({"summary_requests": 1})
         values.update(self.usage_values(usage, prefix="summary_"))
-        self._add(SUMMARY_MODEL, values)
+        self._add(SUMMARY_MODEL or DEFAULT_MODEL, values)
 
     def snapshot(self):
         with self._lock:
@@ -1770,6 +1770,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                         self.end_stream_with_error(collector, "DeepSeek's stream broke off: %s" % error)
                         break
                     if not line:
+                        if block:  # the last event lacked its blank line
+                            event = b"".join(block) + b"\n"
+                            self.write_chunk(event)
+                            collector.feed_event(event)
                         if not collector.done:
                             self.end_stream_with_error(collector, "DeepSeek closed the stream before its end.")
                         break
