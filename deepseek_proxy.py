@@ -90,6 +90,7 @@ SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summar
 SUMMARISE = True  # summarise older turns when a conversation passes SUMMARY_RATIO x MAX_CONTEXT
 MAX_CONTEXT = 128000  # tokens the proxy budgets one conversation to
 SUMMARY_RATIO = 0.8  # fraction of MAX_CONTEXT that triggers summarisation
+SUMMARY_WATERMARK = 0.7  # fraction of MAX_CONTEXT from which the summary is made in the background (0: off)
 TAIL_RATIO = 0.25  # fraction of MAX_CONTEXT of recent turns always kept verbatim
 SUMMARY_MODEL = ""  # model of the proxy's summary calls; empty: DEFAULT_MODEL (whose prompt cache it shares)
 SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
@@ -581,44 +582,53 @@ system_prompts = SystemPromptStore()
 
 
 class ConversationSummaries:
-    """Makes conversation summaries: one call per region however many requests need it at once,
-    the result kept in summary_cache; after a failure the conversation is not summarised again for
-    a growing pause (30 s, doubled), keyed by its head."""
+    """Makes conversation summaries, at most one at a time per conversation (keyed by its head),
+    in the request's thread or in the background; results go to summary_cache. After a failure the
+    conversation is not summarised again for a growing pause (30 s, doubled)."""
 
     def __init__(self):
-        self.in_flight = {}  # plan key -> Event
+        self.in_flight = {}  # head fingerprint -> Event set when that conversation's summary ends
         self.failures = LRU(256)  # head fingerprint -> (failures, monotonic time of the next try)
         self._lock = threading.Lock()
 
-    def summarise(self, plan, prefix, ctx):
-        """The summary for plan (messages as sent upstream up to plan.end: `prefix`), or None."""
-        head_key = sha256_text(json.dumps(prefix[:plan.head], sort_keys=True))
+    def summarise(self, plan, prefix, ctx, background=False):
+        """Make the summary for plan (`prefix`: the messages as sent upstream up to plan.end).
+        Returns the summary, or None (failed, backing off, or started in the background). If this
+        conversation already has one under way, wait for that one instead (not in the background)."""
         with self._lock:
-            failed = self.failures.get(head_key)
+            failed = self.failures.get(plan.head_key)
             if failed and time.monotonic() < failed[1]:
                 return None
-            waiting = self.in_flight.get(plan.key)
-            if waiting is None:
-                done = self.in_flight[plan.key] = threading.Event()
-        if waiting is not None:
-            waiting.wait(UPSTREAM_TIMEOUT)
-            entry = summary_cache.recall(plan.key)
-            return entry["summary"] if entry else None
+            under_way = self.in_flight.get(plan.head_key)
+            if under_way is None:
+                done = self.in_flight[plan.head_key] = threading.Event()
+        if under_way is not None:
+            if not background:
+                under_way.wait(UPSTREAM_TIMEOUT)
+            return None
+        if background:
+            threading.Thread(target=self._run, args=(plan, prefix, ctx, done), daemon=True,
+                             name="summarise-" + plan.key[:8]).start()
+            return None
+        return self._run(plan, prefix, ctx, done)
+
+    def _run(self, plan, prefix, ctx, done):
         try:
             summary = self._call(prefix, ctx)
             summary_cache.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
-            self.failures.put(head_key, None)
+            self.failures.put(plan.head_key, None)
+            log.info("[%s] summarised %d messages into %d chars", ctx.request_id, plan.end - plan.head, len(summary))
             return summary
         except Exception as error:  # never fatal: the caller falls back
-            count = (self.failures.get(head_key) or (0, 0))[0] + 1
+            count = (self.failures.get(plan.head_key) or (0, 0))[0] + 1
             pause = 30.0 * 2 ** min(count - 1, 6)
-            self.failures.put(head_key, (count, time.monotonic() + pause))
+            self.failures.put(plan.head_key, (count, time.monotonic() + pause))
             log.warning("[%s] conversation summary failed (%s); next try in %.0fs", ctx.request_id,
                         getattr(error, "body", None) and error.body["error"]["message"] or error, pause)
             return None
         finally:
             with self._lock:
-                self.in_flight.pop(plan.key, None)
+                self.in_flight.pop(plan.head_key, None)
             done.set()
 
     @staticmethod
@@ -628,6 +638,26 @@ class ConversationSummaries:
         messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
         return request_summary(messages, SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
                                tools=ctx.tools, thinking=ctx.thinking)
+
+    def wait_for(self, head_key):
+        """Wait for this conversation's summary under way, if any; True if there was one."""
+        with self._lock:
+            under_way = self.in_flight.get(head_key)
+        if under_way is None:
+            return False
+        under_way.wait(UPSTREAM_TIMEOUT)
+        return True
+
+    def wait_idle(self, timeout=30.0):
+        """Wait for summaries under way (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                events = list(self.in_flight.values())
+            if not events:
+                return True
+            events[0].wait(max(0.0, deadline - time.monotonic()))
+        return False
 
 
 conversation_summaries = ConversationSummaries()
@@ -1046,10 +1076,12 @@ SUMMARY_CLOSE = "\n</conversation-summary>"
 class SummaryPlan:
     """Where a conversation is cut: messages[:head] stay, messages[head:end] are represented by a
     summary (with the last user message among them, `pulled`, kept verbatim before it), and
-    messages[end:] stay. `key` fingerprints messages[:end] exactly: the summary cache key."""
+    messages[end:] stay. `key` fingerprints messages[:end] exactly: the summary cache key;
+    `head_key` fingerprints messages[:head]: the conversation."""
 
-    def __init__(self, head, end, key, pulled):
-        self.head, self.end, self.key, self.pulled = head, end, key, pulled
+    def __init__(self, head, end, fingerprints, pulled):
+        self.head, self.end, self.pulled = head, end, pulled
+        self.key, self.head_key = fingerprints[end], fingerprints[head]
 
     def apply(self, messages, summary):
         pulled = [messages[self.pulled]] if self.pulled is not None else []
@@ -1078,10 +1110,10 @@ def prefix_fingerprints(messages):
     return [fingerprint.hex() for fingerprint in fingerprints]
 
 
-def tail_start(messages, sizes, floor):
-    """First index of the recent messages kept verbatim: at most TAIL_RATIO x MAX_CONTEXT tokens,
+def tail_start(messages, sizes, floor, tail_ratio):
+    """First index of the recent messages kept verbatim: at most tail_ratio x MAX_CONTEXT tokens,
     never starting on a tool result (its tool call must stay with it), never before `floor`."""
-    budget, used, start = TAIL_RATIO * MAX_CONTEXT, 0, len(messages)
+    budget, used, start = tail_ratio * MAX_CONTEXT, 0, len(messages)
     while start > floor and used + sizes[start - 1] <= budget:
         start -= 1
         used += sizes[start]
@@ -1099,42 +1131,69 @@ def summarise_over_budget(messages, ctx):
     turns (TAIL_RATIO x MAX_CONTEXT). The summary is cached under the fingerprint of exactly what it
     replaced, so the next requests of the conversation get identical bytes (DeepSeek's cache keeps
     hitting) until the budget is crossed again; then summary and newer turns are summarised anew.
-    If summarising fails, the conversation goes whole, or without its oldest turns if DeepSeek's own
-    window would refuse it. This stage never fails a request.
+    From SUMMARY_WATERMARK on, the next summary is made in the background, so that the request that
+    crosses the budget finds it ready instead of waiting for it. If summarising fails, the
+    conversation goes whole, or without its oldest turns if DeepSeek's own window would refuse it.
+    This stage never fails a request.
     """
     if not SUMMARISE:
         return messages
-    sizes = [ctx.message_tokens(message) for message in messages]
+    budget = SUMMARY_RATIO * MAX_CONTEXT
+    watermark = SUMMARY_WATERMARK * MAX_CONTEXT if 0 < SUMMARY_WATERMARK < SUMMARY_RATIO else budget
     total = ctx.prompt_tokens(messages)
-    if total < SUMMARY_RATIO * MAX_CONTEXT:
+    if total < watermark:
         return messages
     head = conversation_head(messages)
     fingerprints = prefix_fingerprints(messages)
-    current, done_until = messages, head
-    for end in range(len(messages) - 1, head, -1):  # the newest summary that applies
-        entry = summary_cache.recall(fingerprints[end])
-        if entry:
-            plan = SummaryPlan(head, end, fingerprints[end], entry["pulled"])
-            current, done_until = plan.apply(messages, entry["summary"]), end
-            break
-    current_tokens = ctx.prompt_tokens(current)
-    if done_until > head:
-        ctx.saved["summarise_over_budget"] = total - current_tokens
-    if current_tokens < SUMMARY_RATIO * MAX_CONTEXT:
-        return current
-    end = tail_start(messages, sizes, done_until)
+    current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
+    if current_tokens >= budget and conversation_summaries.wait_for(fingerprints[head]):
+        current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
+    if current_tokens < watermark or (current_tokens < budget and newest > done_until):
+        return current  # under the watermark, or the next summary is ready for when it is needed
+    early = current_tokens < budget  # prepared ahead: by the crossing the tail will have grown
+    tail_ratio = max(TAIL_RATIO / 2, TAIL_RATIO - (SUMMARY_RATIO - SUMMARY_WATERMARK)) if early else TAIL_RATIO
+    end = tail_start(messages, [ctx.message_tokens(message) for message in messages], done_until, tail_ratio)
     if end <= done_until:
         return current  # nothing older than the tail is left to summarise
     users = [index for index in range(head, end) if messages[index]["role"] == "user"]
-    plan = SummaryPlan(head, end, fingerprints[end], users[-1] if users else None)
+    plan = SummaryPlan(head, end, fingerprints, users[-1] if users else None)
     offset = len(current) - len(messages)  # current[k + offset] is messages[k] for k >= done_until
-    summary = conversation_summaries.summarise(plan, current[:end + offset], ctx)
+    prefix = current[:end + offset]
+    if early:
+        conversation_summaries.summarise(plan, prefix, ctx, background=True)
+        ctx.notes.append("summary of %d messages started in the background" % (end - head))
+        return current
+    summary = conversation_summaries.summarise(plan, prefix, ctx)
     if summary is None:
         return fit_upstream_window(current, ctx)
     result = plan.apply(messages, summary)
     ctx.saved["summarise_over_budget"] = total - ctx.prompt_tokens(result)
     ctx.notes.append("summarised %d messages" % (end - head))
     return result
+
+
+def choose_summary(messages, ctx, head, fingerprints, budget):
+    """(messages to send, index up to which a summary stands in, their tokens, the end of the
+    newest cached summary).
+
+    Among the cached summaries of this conversation (and none at all), the oldest that brings the
+    conversation under the budget: it is the one the previous requests used, so the bytes stay the
+    same until the budget forces the next one. If none does, the newest."""
+    candidates = [(head, None)] + [(end, summary_cache.recall(fingerprints[end]))
+                                   for end in range(head + 1, len(messages))]
+    candidates = [(end, entry) for end, entry in candidates if end == head or entry]
+    total = ctx.prompt_tokens(messages)
+    for end, entry in candidates:
+        if entry is None:
+            current = messages
+        else:
+            current = SummaryPlan(head, end, fingerprints, entry["pulled"]).apply(messages, entry["summary"])
+        current_tokens = ctx.prompt_tokens(current)
+        if current_tokens < budget:
+            break
+    if end > head:
+        ctx.saved["summarise_over_budget"] = total - current_tokens
+    return current, end, current_tokens, candidates[-1][0]
 
 
 def fit_upstream_window(messages, ctx):

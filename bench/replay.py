@@ -33,7 +33,7 @@ from fake_deepseek import CHARS_PER_TOKEN, PrefixCache, render_message  # noqa: 
 from sessions import SESSIONS  # noqa: E402
 
 OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
-           SUMMARISE=False, MIN_SEGMENT_CHARS=0)
+           SUMMARISE=False, MIN_SEGMENT_CHARS=0, SUMMARY_WATERMARK=0.7)
 CONFIGS = {
     "baseline": OFF,
     "dedup_boilerplate": dict(OFF, DEDUP_BOILERPLATE=True),
@@ -43,6 +43,7 @@ CONFIGS = {
     "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
     "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),
     "summarise": dict(OFF, SUMMARISE=True),
+    "summarise-no-watermark": dict(OFF, SUMMARISE=True, SUMMARY_WATERMARK=0.0),
     "compress_system (wait)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=600.0),
     "compress_system (background)": dict(OFF, COMPRESS_SYSTEM=True, SYSTEM_WAIT=0.0),
     "defaults": {},
@@ -101,7 +102,8 @@ def replay(session, settings):
                   largest=0)
     try:
         for request in session.requests:
-            proxy.system_prompts.wait_idle()  # a background summary is ready by the next request
+            proxy.system_prompts.wait_idle()  # background summaries are ready by the next request
+            proxy.conversation_summaries.wait_idle()
             body = {"messages": request["messages"], "tools": request["tools"]}
             ctx = proxy.RequestContext(body)
             started = time.perf_counter()

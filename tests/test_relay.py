@@ -236,7 +236,7 @@ class Documentation(unittest.TestCase):
             readme = handle.read()
         for name in deepseek_proxy.config_help():
             flag = "--" + deepseek_proxy.FLAG_NAMES.get(name, name.lower()).replace("_", "-")
-            self.assertIn("`" + flag + "`", readme, name)
+            self.assertTrue("`" + flag + "`" in readme, "%s (%s) is not in README.md" % (flag, name))
         self.assertIn("python -m unittest discover -s tests -v", readme)
 
 

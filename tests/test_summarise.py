@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+import time
 import unittest
 from unittest import mock
 
@@ -12,8 +13,9 @@ from fake_deepseek import Answer, is_summary_request, summary_answer
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}}}}}]
-# Budget 4000 tokens: summarise past 3200, keep ~1000 tokens of recent turns.
-ARGS = ("--max-context", "4000", "--no-compress-system", "--no-dedup-tool-outputs")
+# Budget 4000 tokens: summarise past 3200, keep ~1000 tokens of recent turns; summaries made when
+# the budget is crossed (the background watermark has its own tests below).
+ARGS = ("--max-context", "4000", "--no-compress-system", "--no-dedup-tool-outputs", "--summary-watermark", "0")
 
 
 def file_text(number):
@@ -154,6 +156,45 @@ class Summarisation(ProxyTestCase):
         self.assertEqual(self.chat_calls()[-1]["messages"], crossing)
 
 
+class BackgroundWatermark(ProxyTestCase):
+    proxy_args = ARGS[:-2] + ("--summary-watermark", "0.6", "--tail-ratio", "0.15")
+
+    def test_the_summary_is_ready_when_the_budget_is_crossed(self):
+        self.fake.responder = agent_responder
+        self.fake.summary_delay = 0.3
+        conversation = Conversation(self.proxy)
+        latencies, calls_at = [], []
+        for _ in range(40):
+            time.sleep(0.15)  # the agent runs its tool between requests
+            started = time.monotonic()
+            conversation.step()
+            latencies.append(time.monotonic() - started)
+            calls_at.append(len([r for r in self.fake.requests if is_summary_request(r)]))
+            sent = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
+            if "<conversation-summary>" in json.dumps(sent):
+                break
+        else:
+            self.fail("never summarised")
+        self.assertEqual(calls_at[-1], 1, "one summary call, made before the crossing")
+        self.assertIn("started in the background", self.proxy.log())
+        self.assertLess(max(latencies), 0.25, "no request waited for the 0.3 s summary call")
+        conversation.step()
+        following = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
+        self.assertEqual(following[:len(sent)], sent, "the next request keeps the same bytes")
+
+    def test_without_the_watermark_the_crossing_request_waits(self):
+        proxy = self.start_proxy(ARGS)
+        self.fake.responder = agent_responder
+        self.fake.summary_delay = 0.4
+        conversation = Conversation(proxy)
+        latencies = []
+        while not [r for r in self.fake.requests if is_summary_request(r)]:
+            started = time.monotonic()
+            conversation.step()
+            latencies.append(time.monotonic() - started)
+        self.assertGreaterEqual(latencies[-1], 0.4)
+
+
 class WindowFallback(ProxyTestCase):
     proxy_args = ARGS + ("--upstream-context-window", "5000", "--max-output-tokens", "2000",
                          "--summarise-max-retries", "1")
@@ -191,14 +232,14 @@ class Planning(unittest.TestCase):
         sizes = [dp.message_tokens(m) for m in messages]
         with mock.patch.object(dp, "MAX_CONTEXT", 2000):
             for floor in range(2, 10):
-                start = dp.tail_start(messages, sizes, floor)
+                start = dp.tail_start(messages, sizes, floor, 0.25)
                 self.assertNotEqual(messages[start]["role"], "tool")
         with mock.patch.object(dp, "MAX_CONTEXT", 10):
-            self.assertEqual(messages[dp.tail_start(messages, sizes, 3)]["role"], "assistant")
+            self.assertEqual(messages[dp.tail_start(messages, sizes, 3, 0.25)]["role"], "assistant")
 
     def test_plan_apply_keeps_the_last_user_message_before_the_summary(self):
         messages = self.conversation(5)
-        plan = dp.SummaryPlan(2, 9, "k", 2)
+        plan = dp.SummaryPlan(2, 9, dp.prefix_fingerprints(messages), 2)
         result = plan.apply(messages, "S")
         self.assertEqual(result[:3], messages[:3])
         self.assertTrue(result[3]["content"].startswith(dp.SUMMARY_OPEN))
