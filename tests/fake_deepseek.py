@@ -32,6 +32,9 @@ MESSAGE_KEYS = {
     "assistant": {"role", "content", "name", "reasoning_content", "tool_calls", "prefix"},
     "tool": {"role", "content", "tool_call_id"},
 }
+TOP_LEVEL_FIELDS = {"model", "messages", "max_tokens", "thinking", "reasoning_effort", "stream", "stream_options",
+                    "tools", "tool_choice", "response_format", "stop", "temperature", "top_p", "frequency_penalty",
+                    "presence_penalty", "logprobs", "top_logprobs", "n", "user_id"}
 CHARS_PER_TOKEN = 4
 UNIT_TOKENS = 128
 REASONING_MISSING = "The `reasoning_content` in the thinking mode must be passed back to the API."
@@ -195,6 +198,31 @@ class FakeDeepSeek:
             return 400, error("Failed to deserialize the JSON body into the target type")
         if body.get("model") not in MODELS:
             return 400, error("Model Not Exist")
+        unknown = set(body) - TOP_LEVEL_FIELDS
+        if unknown and self.strict_keys:
+            return 400, error("unknown field `%s`" % sorted(unknown)[0])
+        if not isinstance(body.get("stream", False), bool):
+            return 400, error("stream: invalid type, expected a boolean")
+        tools = body.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(
+                isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+                and isinstance(t["function"].get("name"), str) for t in tools)):
+            return 400, error("tools: invalid type, expected a list of function tools")
+        choice = body.get("tool_choice")
+        if choice is not None and choice not in ("none", "auto", "required") and not (
+                isinstance(choice, dict) and isinstance((choice.get("function") or {}).get("name"), str)):
+            return 400, error("tool_choice: unknown variant")
+        response_format = body.get("response_format")
+        if response_format is not None:
+            if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object"):
+                return 400, error("response_format: unknown variant")
+            if response_format["type"] == "json_object" and "json" not in json.dumps(body.get("messages")).lower():
+                return 400, error("Prompt must contain the word 'json' in some form to use 'response_format' "
+                                  "of type 'json_object'.")
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and all(isinstance(item, str) for item in stop)):
+            return 400, error("stop: invalid type")
         thinking = body.get("thinking", {"type": "enabled"})
         if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
             return 422, error("Failed to deserialize the JSON body into the target type: thinking: "
