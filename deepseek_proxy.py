@@ -469,6 +469,24 @@ reasoning_cache = PersistentLRU(MAX_CACHE_SIZE)
 summary_cache = PersistentLRU(MAX_CACHE_SIZE)  # region fingerprint -> {summary, pulled}
 
 
+def wait_until_idle(lock, in_flight, timeout):
+    """Wait until `in_flight`, a dict of Events guarded by `lock`, is empty; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with lock:
+            events = list(in_flight.values())
+        if not events:
+            return True
+        events[0].wait(max(0.0, deadline - time.monotonic()))
+    return False
+
+
+def describe_error(error):
+    """DeepSeek's own message for an UpstreamError, else the exception itself."""
+    body = getattr(error, "body", None)
+    return body["error"].get("message") if isinstance(body, dict) and "error" in body else error
+
+
 class SystemPromptStore:
     """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
     (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
@@ -546,7 +564,7 @@ class SystemPromptStore:
             pause = 60.0 * 2 ** min(count - 1, 6)
             self.failures.put(digest, (count, time.monotonic() + pause))
             log.warning("system prompt %s: summarising failed (%s); sending the original, next try in %.0fs",
-                        digest[:12], getattr(error, "body", None) and error.body["error"]["message"] or error, pause)
+                        digest[:12], describe_error(error), pause)
         finally:
             with self._lock:
                 self.in_flight.pop(digest, None)
@@ -567,15 +585,8 @@ class SystemPromptStore:
             return None
 
     def wait_idle(self, timeout=30.0):
-        """Wait for summaries under way (tests, benchmarks, shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                events = list(self.in_flight.values())
-            if not events:
-                return True
-            events[0].wait(max(0.0, deadline - time.monotonic()))
-        return False
+        """Wait for summaries under way (tests, benchmarks)."""
+        return wait_until_idle(self._lock, self.in_flight, timeout)
 
 
 system_prompts = SystemPromptStore()
@@ -624,7 +635,7 @@ class ConversationSummaries:
             pause = 30.0 * 2 ** min(count - 1, 6)
             self.failures.put(plan.head_key, (count, time.monotonic() + pause))
             log.warning("[%s] conversation summary failed (%s); next try in %.0fs", ctx.request_id,
-                        getattr(error, "body", None) and error.body["error"]["message"] or error, pause)
+                        describe_error(error), pause)
             return None
         finally:
             with self._lock:
@@ -650,14 +661,7 @@ class ConversationSummaries:
 
     def wait_idle(self, timeout=30.0):
         """Wait for summaries under way (tests, benchmarks)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                events = list(self.in_flight.values())
-            if not events:
-                return True
-            events[0].wait(max(0.0, deadline - time.monotonic()))
-        return False
+        return wait_until_idle(self._lock, self.in_flight, timeout)
 
 
 conversation_summaries = ConversationSummaries()

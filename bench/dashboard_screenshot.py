@@ -16,25 +16,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from helpers import API_KEY, FakeDeepSeek, Proxy  # noqa: E402
-from fake_deepseek import Answer, is_summary_request, summary_answer  # noqa: E402
-from sessions import SESSIONS  # noqa: E402
+from sessions import SESSIONS, scripted_responder  # noqa: E402
 
 
 def main(output):
     fake = FakeDeepSeek(API_KEY).start()
     proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="dashboard-"), ["--system-wait", "5", "--no-persist-stats"])
     session = SESSIONS["copilot"]()
-    answers = iter(request["answer"] for request in session.requests)
-
-    def responder(body, number):
-        if is_summary_request(body):
-            return summary_answer(body)
-        answer = next(answers)
-        return Answer(content=answer.get("content") or "", reasoning=answer["reasoning_content"],
-                      tool_calls=[(c["function"]["name"], json.loads(c["function"]["arguments"]), c["id"])
-                                  for c in answer.get("tool_calls") or ()])
-
-    fake.responder = responder
+    fake.responder = scripted_responder(session)
     try:
         for request in session.requests:
             status, _, body = proxy.chat({"model": "x", "messages": request["messages"], "tools": request["tools"],

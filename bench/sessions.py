@@ -202,6 +202,24 @@ def aider_session(seed=3, turns=30):
     return session
 
 
+def scripted_responder(session, model_seconds=0.0):
+    """A responder for the fake DeepSeek (tests/fake_deepseek.py) that answers a session's requests
+    with its scripted answers, same tool-call ids, taking model_seconds each; summaries as the fake's."""
+    import time
+    from fake_deepseek import Answer, is_summary_request, summary_answer
+    answers = iter(request["answer"] for request in session.requests)
+
+    def responder(body, number):
+        if is_summary_request(body):
+            return summary_answer(body)
+        time.sleep(model_seconds)
+        answer = next(answers)
+        return Answer(content=answer.get("content") or "", reasoning=answer["reasoning_content"],
+                      tool_calls=[(c["function"]["name"], json.loads(c["function"]["arguments"]), c["id"])
+                                  for c in answer.get("tool_calls") or ()])
+    return responder
+
+
 SESSIONS = {"copilot": copilot_session, "cline": cline_session, "aider": aider_session,
             "copilot-long": lambda: copilot_session(seed=4, user_turns=16, rounds=8),
             "cline-long": lambda: cline_session(seed=5, user_turns=13, rounds=8)}

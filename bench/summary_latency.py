@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from helpers import API_KEY, FakeDeepSeek, Proxy  # noqa: E402
-from fake_deepseek import Answer, is_summary_request, summary_answer  # noqa: E402
-from sessions import SESSIONS  # noqa: E402
+from sessions import SESSIONS, scripted_responder  # noqa: E402
 
 MODEL_SECONDS = 0.3
 SUMMARY_SECONDS = 1.0
@@ -36,18 +35,7 @@ def run(watermark):
     fake.record = False
     fake.summary_delay = SUMMARY_SECONDS
     session = SESSIONS["copilot-long"]()
-    answers = iter(request["answer"] for request in session.requests)
-
-    def responder(body, number):
-        if is_summary_request(body):
-            return summary_answer(body)
-        time.sleep(MODEL_SECONDS)
-        answer = next(answers)
-        return Answer(content=answer.get("content") or "", reasoning=answer["reasoning_content"],
-                      tool_calls=[(c["function"]["name"], json.loads(c["function"]["arguments"]), c["id"])
-                                  for c in answer.get("tool_calls") or ()])
-
-    fake.responder = responder
+    fake.responder = scripted_responder(session, MODEL_SECONDS)
     proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="latency-"), ARGS + ["--summary-watermark", str(watermark)])
     first_bytes = []
     try:

@@ -2,7 +2,6 @@
 prefix-stability properties over generated conversations, and one pass through the proxy."""
 
 import copy
-import json
 import random
 import unittest
 from unittest import mock
