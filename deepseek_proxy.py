@@ -297,15 +297,14 @@ class TokenCalibration:
 
     def __init__(self):
         self.factor = 1.0
-        self.last_error = None
         self._lock = threading.Lock()
 
     def observe(self, estimated, actual):
+        """Fold in one (estimate, DeepSeek's prompt_tokens) pair; the estimate used self.factor."""
         if not estimated or not actual:
             return
         with self._lock:
             raw = actual / (estimated / self.factor)
-            self.last_error = (estimated - actual) / actual
             self.factor = min(3.0, max(0.33, 0.7 * self.factor + 0.3 * raw))
 
 
@@ -444,7 +443,7 @@ class PersistentLRU:
             return
         self.entries.put(key, value)
         if self.path:
-            self._append(json.dumps({"k": key, "v": value}, ensure_ascii=False) + "\n")
+            self._append(json.dumps({"k": key, "v": value}) + "\n")  # ASCII: any text is safe
 
     def _append(self, line):
         with self._file_lock:
@@ -460,8 +459,7 @@ class PersistentLRU:
 
     def _compact(self):
         items = self.entries.items()
-        atomic_write(self.path, "".join(json.dumps({"k": k, "v": v}, ensure_ascii=False) + "\n"
-                                        for k, v in items))
+        atomic_write(self.path, "".join(json.dumps({"k": k, "v": v}) + "\n" for k, v in items))
         self._lines = len(items)
 
 
@@ -1758,7 +1756,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.discard_body()
         self.send_error_json(405, "Method %s is not supported." % self.command, "method_not_allowed")
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_other
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, headers too long, an unknown
+        method) in the same JSON shape as every other error, never its HTML page."""
+        self.close_connection = True
+        try:
+            self.send_error_json(code, message or http.HTTPStatus(code).phrase, "http_error")
+        except OSError:
+            pass
 
     def route(self):
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -1868,6 +1875,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
     def finish_answer(self, ctx, collector, outcome):
+        """After the answer went out: usage, calibration, and the reasoning to restore later."""
         outcome["usage"] = collector.usage
         prompt_tokens = (collector.usage or {}).get("prompt_tokens")
         if prompt_tokens and ctx.tokens_out:

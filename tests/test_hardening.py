@@ -152,6 +152,14 @@ class BadInput(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(self.fake.requests[-1]["messages"][0]["content"], "cut \ufffd here \U0001F600")
 
+    def test_http_level_refusals_are_json_too(self):
+        for request, status in ((b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n", b" 501 "),
+                                (b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", b" 405 "),
+                                (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b" 414 ")):
+            line, response = raw_exchange(self.proxy.port, request)
+            self.assertIn(status, line)
+            self.assertIn(b'{"error": {', response)
+
     def test_invalid_utf8(self):
         status, _, raw = self.proxy.request("POST", "/v1/chat/completions", b'{"messages": "\xff"}')
         self.assertEqual(status, 400)
