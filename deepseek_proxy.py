@@ -748,7 +748,8 @@ def is_clean(message):
     if keys is None or not isinstance(message.get("content"), (str, type(None))) or not set(message) <= set(keys):
         return False
     if message["role"] == "assistant":
-        if "content" not in message or ("tool_calls" in message and not message["tool_calls"]):
+        if "content" not in message or ("tool_calls" in message and not message["tool_calls"]) \
+                or ("reasoning_content" in message and not isinstance(message["reasoning_content"], str)):
             return False
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
@@ -779,6 +780,8 @@ def normalise_messages(messages, ctx):
                 clean["tool_calls"] = [normalise_tool_call(call) for call in clean["tool_calls"]]
             else:
                 clean.pop("tool_calls", None)
+            if clean.get("reasoning_content") is None:
+                clean.pop("reasoning_content", None)  # null means "not sent": restored or left out
             if "content" not in clean:
                 clean["content"] = None
         result.append(clean)
@@ -1401,11 +1404,9 @@ class AnswerCollector:
                 self.done = True
                 continue
             try:
-                chunk = json.loads(data)
-            except ValueError:
-                continue
-            if isinstance(chunk, dict):
-                self.feed_chunk(chunk)
+                self.feed_chunk(json.loads(data))
+            except (ValueError, TypeError, AttributeError, KeyError):
+                continue  # an odd chunk is still relayed as it came; it just is not understood
 
     def feed_chunk(self, chunk):
         if isinstance(chunk.get("usage"), dict):
@@ -1812,8 +1813,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
                                                 "upstream_error"))
         collector = AnswerCollector()
-        if isinstance(answer, dict):
+        try:
             collector.feed_response(answer)
+        except (TypeError, AttributeError, KeyError):
+            pass  # an odd answer is still relayed as it came; it just is not understood
         self.finish_answer(ctx, collector, outcome)
         headers = self.proxy_headers(ctx, collector.usage)
         self.send_body(200, raw.strip(), "application/json", headers)
