@@ -824,11 +824,14 @@ _boilerplate_cache = {}
 
 
 def find_boilerplate(text):
+    """Matches of the boilerplate blocks in text; the regex is rebuilt only when the table changes."""
     key = tuple(BOILERPLATE_PATTERNS.items())
-    if key not in _boilerplate_cache:
+    regex = _boilerplate_cache.get(key)
+    if regex is None:
+        regex = boilerplate_regex()
         _boilerplate_cache.clear()
-        _boilerplate_cache[key] = boilerplate_regex()
-    return _boilerplate_cache[key].finditer(text)
+        _boilerplate_cache[key] = regex
+    return regex.finditer(text)
 
 
 PLACEHOLDER = "[repeated context omitted]"

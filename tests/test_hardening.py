@@ -244,6 +244,30 @@ class DiskTrouble(ProxyTestCase):
         self.assertEqual(self.proxy.log().count("writing " + path), 1)
 
 
+class NoLockAcrossUpstreamCalls(ProxyTestCase):
+    proxy_args = ("--system-min-chars", "1000")
+
+    def test_requests_go_on_while_a_summary_call_is_slow(self):
+        self.fake.summary_delay = 3.0
+        long_system = {"role": "system", "content": "Always do the right thing. " * 100}
+        started = time.monotonic()
+        statuses = run_in_threads(lambda i: self.proxy.chat({"model": "x", "messages": [
+            long_system, {"role": "user", "content": "q%d" % i}]})[0], 8)
+        self.assertEqual(statuses, [200] * 8)
+        self.assertLess(time.monotonic() - started, 2.0, "nobody waited for the summary call")
+
+
+class AtomicFiles(ProxyTestCase):
+    def test_concurrent_writers_of_one_file_leave_one_whole_version(self):
+        import deepseek_proxy
+        path = os.path.join(self.data_dir, "post_sys", "same.txt")
+        versions = ["version %d " % i * 20000 for i in range(16)]
+        run_in_threads(lambda i: [deepseek_proxy.atomic_write(path, versions[i]) for _ in range(20)], 16)
+        with open(path) as handle:
+            self.assertIn(handle.read(), versions)
+        self.assertEqual([name for name in os.listdir(os.path.dirname(path)) if name.startswith(".tmp-")], [])
+
+
 class Access(ProxyTestCase):
     def test_proxy_key_is_required_when_set(self):
         proxy = self.start_proxy(["--proxy-key", "local-secret"])
