@@ -2081,6 +2081,8 @@ def main(argv=None):
     deepseek_api_key = load_api_key()
     if not deepseek_api_key:
         log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
+    if ":" in HOST:
+        ProxyServer.address_family = socket.AF_INET6
     try:
         server = ProxyServer((HOST, PORT), ProxyHandler)
     except OSError as error:
