@@ -86,6 +86,13 @@ class Proxy:
         return status, response_headers, json.loads(raw)
 
 
+def chat_body(**extra):
+    """A minimal chat request, with any field added or replaced."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello."}]}
+    body.update(extra)
+    return body
+
+
 def sse_data(raw):
     """The data payloads of an SSE body: parsed JSON, or the string '[DONE]'."""
     events = []

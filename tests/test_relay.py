@@ -5,18 +5,12 @@ import json
 import time
 import unittest
 
-from helpers import API_KEY, Proxy, ProxyTestCase, assemble_stream, sse_data  # noqa: F401 (sys.path)
+from helpers import API_KEY, Proxy, ProxyTestCase, assemble_stream, chat_body, sse_data
 from fake_deepseek import Answer
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
                                            "parameters": {"type": "object", "properties": {
                                                "path": {"type": "string"}}}}}]
-
-
-def chat_body(**extra):
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello."}]}
-    body.update(extra)
-    return body
 
 
 class NonStreaming(ProxyTestCase):

@@ -4,16 +4,10 @@ import json
 import os
 import re
 
-from helpers import API_KEY, ProxyTestCase, wait_for
+from helpers import API_KEY, ProxyTestCase, chat_body, wait_for
 from fake_deepseek import is_summary_request
 
 LONG_SYSTEM = "<instructions>\n" + "\n".join("- Rule %d: be exact about paths." % i for i in range(300)) + "\n</instructions>"
-
-
-def body(**extra):
-    result = {"model": "x", "messages": [{"role": "user", "content": "Hello"}]}
-    result.update(extra)
-    return result
 
 
 class Stats(ProxyTestCase):
@@ -24,9 +18,9 @@ class Stats(ProxyTestCase):
 
     def test_stats_equal_the_sums_of_deepseeks_usage(self):
         for stream in (False, True, False, True):
-            self.assertEqual(self.proxy.chat(body(stream=stream))[0], 200)
+            self.assertEqual(self.proxy.chat(chat_body(stream=stream))[0], 200)
         self.fake.failures.append(("status", 400, {"error": {"message": "bad", "type": "x"}}))
-        self.assertEqual(self.proxy.chat(body())[0], 400)
+        self.assertEqual(self.proxy.chat(chat_body())[0], 400)
         self.assertTrue(wait_for(lambda: self.stats()["requests"] == 5))
         stats = self.stats()
         usages = self.fake.usages
@@ -49,8 +43,8 @@ class Stats(ProxyTestCase):
 
     def test_missing_usage_is_unmeasured_not_zero(self):
         self.fake.omit_usage = True
-        self.proxy.chat(body(stream=True))
-        self.proxy.chat(body())
+        self.proxy.chat(chat_body(stream=True))
+        self.proxy.chat(chat_body())
         self.assertTrue(wait_for(lambda: self.stats()["requests"] == 2))
         stats = self.stats()
         self.assertEqual(stats["unmeasured_calls"], 2)
@@ -58,17 +52,17 @@ class Stats(ProxyTestCase):
         self.assertIsNone(stats["cache_hit_ratio"])
 
     def test_per_request_headers(self):
-        status, headers, answer = self.proxy.chat(body())
+        status, headers, answer = self.proxy.chat(chat_body())
         self.assertEqual(headers["X-Proxy-Cache-Hit-Tokens"], str(answer["usage"]["prompt_cache_hit_tokens"]))
         self.assertEqual(float(headers["X-Proxy-Cost-USD"]), round((answer["usage"]["prompt_cache_hit_tokens"] * 0.028
                          + answer["usage"]["prompt_cache_miss_tokens"] * 0.14
                          + answer["usage"]["completion_tokens"] * 0.28) / 1e6, 6))
-        status, headers, _ = self.proxy.chat(body(stream=True))
+        status, headers, _ = self.proxy.chat(chat_body(stream=True))
         self.assertIn("X-Proxy-Tokens-In", headers)
         self.assertNotIn("X-Proxy-Cache-Hit-Tokens", headers, "not known before a stream's headers")
 
     def test_stats_survive_a_restart(self):
-        self.proxy.chat(body())
+        self.proxy.chat(chat_body())
         self.assertTrue(wait_for(lambda: self.stats()["requests"] == 1))
         self.proxy.stop()
         self.proxy = self.start_proxy()
@@ -108,7 +102,7 @@ class MessageDumps(ProxyTestCase):
 
     def test_dumps_match_bound_and_hold_no_key(self):
         for i in range(5):
-            self.proxy.chat(body(messages=[{"role": "developer", "content": "d%d" % i},
+            self.proxy.chat(chat_body(messages=[{"role": "developer", "content": "d%d" % i},
                                            {"role": "user", "content": "Hi %d" % i}]),
                             headers={"Authorization": "Bearer sk-client-secret"})
         pre = sorted(os.listdir(os.path.join(self.data_dir, "pre_msg")))
