@@ -823,15 +823,15 @@ def boilerplate_regex():
 _boilerplate_cache = {}
 
 
-def find_boilerplate(text):
-    """Matches of the boilerplate blocks in text; the regex is rebuilt only when the table changes."""
+def current_boilerplate_regex():
+    """The boilerplate regex for the table as it is now; rebuilt only when the table changes."""
     key = tuple(BOILERPLATE_PATTERNS.items())
     regex = _boilerplate_cache.get(key)
     if regex is None:
         regex = boilerplate_regex()
         _boilerplate_cache.clear()
         _boilerplate_cache[key] = regex
-    return regex.finditer(text)
+    return regex
 
 
 PLACEHOLDER = "[repeated context omitted]"
@@ -854,6 +854,7 @@ def dedup_boilerplate(messages, ctx):
     """
     if not DEDUP_BOILERPLATE:
         return messages
+    blocks = current_boilerplate_regex()
     seen = collections.OrderedDict()  # fingerprint -> True, least recently seen first
     previous_lines = {}  # tag -> set of the lines of the last block with that tag
 
@@ -893,7 +894,7 @@ def dedup_boilerplate(messages, ctx):
 
     def reduce_text(text, role):
         pieces, last = [], 0
-        for match in find_boilerplate(text):
+        for match in blocks.finditer(text):
             plain = text[last:match.start()]
             pieces.append(reduce_paragraphs(plain) if MIN_SEGMENT_CHARS and role == "user" else plain)
             reduced = reduce_block(match.group(0))
