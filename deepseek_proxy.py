@@ -1,29 +1,32 @@
 #!/usr/bin/env python3
-"""deepseek-proxy: an OpenAI-compatible proxy for DeepSeek that cuts what agents spend.
+"""deepseek-proxy: an OpenAI-compatible proxy for DeepSeek that cuts what coding agents spend.
 
 Point any OpenAI client (the OpenAI SDKs, VS Code Copilot's custom endpoint, Cline, Roo, Continue,
-Aider) at http://127.0.0.1:8000/v1. Every chat request is rewritten by a fixed PIPELINE of stages and
-forwarded to DeepSeek with urllib; streamed answers are relayed event by event as they arrive.
+Aider) at http://127.0.0.1:8000/v1. Every chat request goes through one request core: the client's
+body is checked, rewritten by a fixed PIPELINE of stages, and forwarded to DeepSeek over kept-open
+connections; streamed answers are relayed event by event as they arrive, and each stage's answer
+hook sees the answer before its last byte reaches the client.
 
-The pipeline, in order of work (each stage is one function below, each can be switched off):
+The pipeline (each stage is one section below, in this order; PIPELINE at their end is the diagram):
   normalise_messages      make the request valid for DeepSeek (developer role, unknown keys)
   restore_reasoning       give back the reasoning_content of earlier assistant turns, which
                           DeepSeek's thinking mode with tools demands and most clients drop
-  dedup_boilerplate       remove repeated XML-tagged boilerplate blocks (F-1, SHA-256 fingerprints)
+  dedup_boilerplate       remove repeated XML-tagged boilerplate blocks ("F-1", SHA-256 fingerprints)
   dedup_tool_outputs      a tool result equal to an earlier one becomes a one-line reference
   dedup_markdown_blocks   a fenced code block equal to an earlier one becomes a reference
-  compress_system_prompt  send a DeepSeek-made summary of a long system prompt (pre_sys/, post_sys/)
+  compress_system_prompt  send a DeepSeek-made summary of a long, recurring system prompt
   summarise_over_budget   replace older turns by a summary when the conversation passes the budget
 
-DeepSeek bills a cached prompt prefix at a fifth of the price of a miss, and clients resend
-their history append-only. So every stage is a deterministic function of the history that never
-rewrites what it produced for earlier messages: what was sent once is sent byte-identical again.
+DeepSeek bills a cached prompt prefix at a fifth of the price of a miss, and clients resend their
+history append-only. So every stage is a deterministic function of the history that never rewrites
+what it produced for earlier messages: what was sent once is sent byte-identical again.
 
 All model parameters a client sends are ignored: the model, max_tokens and thinking mode come from the
 configuration block below (each constant is also a command-line flag, see --help).
 
-The DeepSeek key comes from the environment variable DEEPSEEK_API_KEY, else from the file K.dat.
-This proxy spends that key for whoever can reach it: it listens on 127.0.0.1 by default. Do not expose
+Security: the proxy spends the DeepSeek key (DEEPSEEK_API_KEY, else the file K.dat) for whoever can
+reach it. It listens on 127.0.0.1, refuses requests a web page could forge (foreign Host or Origin,
+cross-site fetches, non-JSON bodies) and bounds every buffer, cache and connection count. Do not expose
 it to the internet.
 
 Standard library only. License: MIT.
@@ -31,25 +34,30 @@ Standard library only. License: MIT.
 
 import argparse
 import collections
+import email.utils
 import hashlib
 import hmac
-import itertools
+import heapq
+import http.client
 import http.server
+import itertools
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # =====================================================================================================
 # Configuration. Every constant in this block is also a command-line flag (--lower-case-name, or the
@@ -65,9 +73,13 @@ REASONING_EFFORT = ""  # low | high | max, sent upstream when set; empty: DeepSe
 UPSTREAM_TIMEOUT = 900.0  # seconds a socket read from DeepSeek may stall before the call fails
 UPSTREAM_MAX_RETRIES = 2  # retries of 429/5xx/connection errors before any byte reached the client
 UPSTREAM_RETRY_BASE_SLEEP = 1.0  # seconds before the first retry, doubled each attempt
+UPSTREAM_RETRY_AFTER_MAX = 30.0  # seconds; the longest Retry-After from DeepSeek the proxy waits out
+UPSTREAM_POOL_SIZE = 16  # idle kept-open connections to DeepSeek
+MAX_UPSTREAM_EVENT_BYTES = 16 * 1024 * 1024  # bytes; a longer SSE line or whole answer from DeepSeek is an error
 
 # -- Reasoning cache (thinking mode with tools)
-MAX_CACHE_SIZE = 500  # entries in the reasoning_content LRU
+MAX_CACHE_SIZE = 500  # conversations whose assistant reasoning is kept (LRU)
+MAX_CACHE_BYTES = 128 * 1024 * 1024  # bytes of reasoning text kept in memory, all conversations together
 PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache.jsonl across restarts
 
 # -- Deduplication
@@ -80,11 +92,14 @@ MARKDOWN_DEDUP = "first"  # off | first (cache-safe) | latest (keeps the last co
 MIN_BLOCK_CHARS = 200  # characters; shorter fenced blocks are never replaced
 
 # -- System-prompt compression
-COMPRESS_SYSTEM = True  # summarise long system prompts once through DeepSeek and send the summary
+COMPRESS_SYSTEM = True  # summarise long, recurring system prompts once through DeepSeek and send the summary
 SYSTEM_MIN_CHARS = 8000  # characters; shorter system prompts are sent as they are
+SYSTEM_MIN_SEEN = 2  # requests that must carry a system prompt before its summary is paid for
 SYSTEM_MAX_RATIO = 0.7  # a summary longer than this fraction of the original is rejected
 SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the original, summarise behind
 SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summary call
+MAX_SYSTEM_PROMPTS = 200  # summaries kept in post_sys/ (and originals in pre_sys/); the oldest are removed
+SYSTEM_SUMMARIES_PER_HOUR = 20  # new system-prompt summary calls per hour; beyond it prompts go unsummarised
 
 # -- Conversation summarisation
 SUMMARISE = True  # summarise older turns when a conversation passes SUMMARY_RATIO x MAX_CONTEXT
@@ -96,6 +111,7 @@ SUMMARY_MODEL = ""  # model of the proxy's summary calls; empty: DEFAULT_MODEL (
 SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
 SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeouts
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
+SUMMARY_CACHE_SIZE = 500  # conversation summaries kept (LRU)
 UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
 PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
 PERSIST_STATS = True  # keep /stats totals in DATA_DIR/stats.json across restarts (saved each minute)
@@ -111,19 +127,24 @@ PRICE_INPUT_CACHE_HIT = 0.028  # USD per 1M prompt tokens served from DeepSeek's
 PRICE_INPUT_CACHE_MISS = 0.14  # USD per 1M prompt tokens not in the cache
 PRICE_OUTPUT = 0.28  # USD per 1M completion tokens (reasoning included)
 
-# -- Server
+# -- Server and security
 HOST = "127.0.0.1"  # address to listen on; anything but loopback needs --proxy-key or --allow-open
 PORT = 8000  # port to listen on (0: any free port, printed at start)
-PROXY_KEY = ""  # bearer key clients must send (env PROXY_API_KEY); empty: any key is accepted
+PROXY_KEY = ""  # bearer key clients must send (env PROXY_API_KEY keeps it out of ps); empty: any key
 ALLOW_OPEN = False  # allow a non-loopback HOST without PROXY_KEY
+ALLOWED_HOSTS = []  # more Host names the proxy answers to besides loopback and HOST (repeatable)
+ALLOW_ORIGINS = []  # web origins allowed to call the proxy, with CORS headers (repeatable; none by default)
+MAX_CONNECTIONS = 64  # concurrent client connections; more are answered 503 at once
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # bytes; larger request bodies get 413 without being read
-CLIENT_TIMEOUT = 120.0  # seconds a client may stall while sending its request
+MAX_BODY_BYTES_IN_FLIGHT = 256 * 1024 * 1024  # bytes of request bodies held at once; beyond, 503
+CLIENT_TIMEOUT = 60.0  # seconds a client has, in total, to send a request's headers and body
+IDLE_TIMEOUT = 30.0  # seconds a kept-open client connection may wait for its next request
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish after SIGTERM/SIGINT
 LOG_LEVEL = "INFO"  # DEBUG | INFO | WARNING | ERROR
 
 # -- End of the flag block.
 
-FLAG_NAMES = {"DEEPSEEK_BASE": "upstream"}  # flags not named after their constant
+FLAG_NAMES = {"DEEPSEEK_BASE": "upstream", "ALLOWED_HOSTS": "allowed-host", "ALLOW_ORIGINS": "allow-origin"}
 CHOICES = {
     "THINKING_MODE": ("enabled", "disabled", "auto"),
     "REASONING_EFFORT": ("", "low", "high", "max"),
@@ -131,14 +152,16 @@ CHOICES = {
     "LOG_LEVEL": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
-# Boilerplate blocks clients repeat in message after message: tag name -> (open tag, close tag).
-# The open tag may carry attributes (<attachment filePath="...">). Extend with --boilerplate-tag NAME.
+# F-1 (the seed's feature number for boilerplate fingerprinting): blocks clients repeat in message
+# after message, tag name -> (open tag, close tag). The open tag may carry attributes
+# (<attachment filePath="...">). Extend with --boilerplate-tag NAME.
 BOILERPLATE_PATTERNS = {
     name: ("<%s>" % name, "</%s>" % name)
     for name in (
         "environment_info", "workspace_info", "userMemory", "sessionMemory", "repoMemory",
-        "reminderInstructions", "environment_details", "system-reminder", "attachment", "instructions", "toolUseInstructions", "editFileInstructions",
-        "outputFormatting", "memoryInstructions", "custom_instructions",
+        "reminderInstructions", "environment_details", "system-reminder", "attachment", "instructions",
+        "toolUseInstructions", "editFileInstructions", "outputFormatting", "memoryInstructions",
+        "custom_instructions",
     )
 }
 
@@ -146,6 +169,7 @@ DATA_SUBDIRS = ("pre_sys", "post_sys", "pre_msg", "post_msg")
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_PATHS = ("/v1/models", "/models")
+API_POST_PATHS = CHAT_PATHS  # POST routes that take a JSON body
 
 
 def config_help():
@@ -164,6 +188,27 @@ def config_help():
     return helps
 
 
+def configuration():
+    """The current value of every flag constant, by name (to save and restore, in tests)."""
+    module = globals()
+    values = {name: module[name] for name in config_help()}
+    values["BOILERPLATE_PATTERNS"] = dict(BOILERPLATE_PATTERNS)
+    return values
+
+
+def configure(values):
+    """Set flag constants by name (the inverse of configuration())."""
+    module = globals()
+    for name, value in values.items():
+        if name == "BOILERPLATE_PATTERNS":
+            BOILERPLATE_PATTERNS.clear()
+            BOILERPLATE_PATTERNS.update(value)
+        elif name in module and name.isupper():
+            module[name] = value
+        else:
+            raise KeyError("no configuration constant %s" % name)
+
+
 def parse_args(argv=None):
     """Build one flag per configuration constant and write the parsed values back into the module."""
     helps = config_help()
@@ -179,6 +224,8 @@ def parse_args(argv=None):
         kwargs = {"dest": name, "default": default, "help": help_text}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(action="append", default=None, metavar="VALUE")
         else:
             kwargs["type"] = type(module[name])
             if name in CHOICES:
@@ -188,14 +235,16 @@ def parse_args(argv=None):
                         help="another XML tag whose blocks count as boilerplate (repeatable)")
     args = parser.parse_args(argv)
     for name in helps:
-        module[name] = getattr(args, name)
+        value = getattr(args, name)
+        module[name] = (value or []) if isinstance(module[name], list) else value
     for name in args.boilerplate_tag:
         BOILERPLATE_PATTERNS[name] = ("<%s>" % name, "</%s>" % name)
     return args
 
 
 # =====================================================================================================
-# Small utilities: logging, hashing, atomic files, a thread-safe LRU, token estimates, error bodies.
+# Small utilities: logging, hashing, private files, a thread-safe LRU, single flight with backoff,
+# token estimates, message text, the error envelope, prices.
 # =====================================================================================================
 
 log = logging.getLogger("deepseek_proxy")
@@ -205,24 +254,48 @@ def sha256_text(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def data_path(*parts):
-    return os.path.join(DATA_DIR, *parts)
+def is_loopback(host):
+    host = (host or "").strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
-_disk_warned = set()
+def encode_json(payload):
+    """Compact UTF-8 JSON for DeepSeek. A lone surrogate (a truncated emoji, valid JSON escape but not
+    text) is found here, where encoding fails, and becomes U+FFFD: no scan of every request body."""
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode("utf-8")
 
 
-def warn_once(what, error):
+class DiskWarnings:
     """Disk trouble is reported once per kind, then the feature quietly does without the disk."""
-    if what not in _disk_warned:
-        _disk_warned.add(what)
+
+    def __init__(self):
+        self._seen = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, what, error):
+        with self._lock:
+            if what in self._seen:
+                return
+            self._seen.add(what)
         log.warning("%s: %s (continuing without it)", what, error)
 
 
+warn_once = DiskWarnings()
+
+
+def make_private_dir(path):
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
 def atomic_write(path, text):
-    """Write a file so that readers see the old or the new content, never half of it."""
+    """Write a private (0600) file so that readers see the old or the new content, never half of it.
+    The temporary file is new (O_EXCL) and the rename replaces a symlink rather than following it."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    make_private_dir(directory)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -236,6 +309,14 @@ def atomic_write(path, text):
         raise
 
 
+def append_private(path, text):
+    """Append to a private (0600) file, never through a symlink."""
+    make_private_dir(os.path.dirname(path) or ".")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
 def read_text(path):
     """A file's text, or None when it is missing, unreadable, not UTF-8 or empty."""
     try:
@@ -244,6 +325,20 @@ def read_text(path):
     except (OSError, UnicodeDecodeError):
         return None
     return text if text.strip() else None
+
+
+def prune_files(folder, pattern, keep):
+    """Remove the oldest files of `folder` whose names match `pattern` (files the proxy made) until
+    `keep` are left. Other files are never touched."""
+    try:
+        names = [name for name in os.listdir(folder) if pattern.match(name)]
+        if len(names) <= keep:
+            return
+        dated = sorted((os.lstat(os.path.join(folder, name)).st_mtime_ns, name) for name in names)
+        for _mtime, name in dated[:len(dated) - keep]:
+            os.unlink(os.path.join(folder, name))
+    except OSError as error:
+        warn_once("pruning " + folder, error)
 
 
 class LRU:
@@ -277,19 +372,156 @@ class LRU:
             return list(self._items.items())
 
 
-_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]")
-_DENSE_CHARS = str.maketrans("", "", "{}[]()<>:;,.=\"'`|\\/*+#@$%^&~-_!?\n\t")
+class JsonlFile:
+    """An append-only JSONL mirror of a cache. Appends go through one background writer, so no
+    request waits for the disk; a torn last line (full disk, SIGKILL) costs that line only, because
+    the next append starts on a fresh line. A corrupt line is skipped when loading."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lines = 0
+        self._torn = False
+        self._queue = queue.Queue(maxsize=100000)
+        self._writer = None
+        self._lock = threading.Lock()
+
+    def load(self):
+        """Every readable record, oldest first."""
+        records = []
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return records
+        except OSError as error:
+            warn_once("reading " + self.path, error)
+            return records
+        self._torn = bool(data) and not data.endswith(b"\n")
+        for line in data.splitlines():
+            self.lines += 1
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def append(self, record):
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                                name="writer-" + os.path.basename(self.path))
+                self._writer.start()
+        try:
+            self._queue.put_nowait(json.dumps(record) + "\n")  # ASCII: any text is safe
+        except queue.Full:
+            warn_once("writing " + self.path, "too many pending writes")
+
+    def _write_loop(self):
+        while True:
+            lines = [self._queue.get()]
+            while len(lines) < 1000:
+                try:
+                    lines.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                append_private(self.path, ("\n" if self._torn else "") + "".join(lines))
+                self._torn = False
+                self.lines += len(lines)
+            except OSError as error:
+                self._torn = True  # part of it may be on disk: start the next write on a fresh line
+                warn_once("writing " + self.path, error)
+            finally:
+                for _ in lines:
+                    self._queue.task_done()
+
+    def rewrite(self, records):
+        """Replace the file by exactly these records (compaction), after pending appends."""
+        self.flush()
+        try:
+            atomic_write(self.path, "".join(json.dumps(record) + "\n" for record in records))
+            self.lines, self._torn = len(records), False
+        except OSError as error:
+            warn_once("writing " + self.path, error)
+
+    def flush(self, timeout=10.0):
+        """Wait until everything appended so far is on disk (or failed)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
-def estimate_tokens(text):
+class SingleFlight:
+    """At most one run at a time per key, and a growing pause after a key's run failed.
+
+    Both summarisers use it: a system prompt or a conversation is summarised by one thread however
+    many requests bring it at once, and a failure is not retried on every request. An exception that
+    is not an upstream failure is the proxy's own bug and is logged with its traceback."""
+
+    def __init__(self, name, first_pause):
+        self.name, self.first_pause = name, first_pause
+        self.in_flight = {}  # key -> threading.Event set when that run ends
+        self.failures = LRU(1024)  # key -> (failures so far, monotonic time of the next try)
+        self._lock = threading.Lock()
+
+    def begin(self, key):
+        """('run', event) when the caller must run now (and call end()), ('wait', event) when a run is
+        under way, ('backoff', None) while the key is paused after a failure."""
+        with self._lock:
+            if key in self.in_flight:
+                return "wait", self.in_flight[key]
+            failed = self.failures.get(key)
+            if failed and time.monotonic() < failed[1]:
+                return "backoff", None
+            event = self.in_flight[key] = threading.Event()
+            return "run", event
+
+    def end(self, key, event, error=None):
+        """Finish a run begun with begin(); with an error, pause the key. Returns the pause."""
+        pause = 0.0
+        if error is None:
+            self.failures.put(key, None)
+        else:
+            count = (self.failures.get(key) or (0, 0))[0] + 1
+            pause = self.first_pause * 2 ** min(count - 1, 6)
+            self.failures.put(key, (count, time.monotonic() + pause))
+            if not isinstance(error, (UpstreamError, ValueError)):
+                log.error("%s %s: internal error", self.name, key[:12], exc_info=error)
+        with self._lock:
+            self.in_flight.pop(key, None)
+        event.set()
+        return pause
+
+    def running(self, key):
+        with self._lock:
+            return self.in_flight.get(key)
+
+    def wait_idle(self, timeout=30.0):
+        """Wait until no run is under way (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                events = list(self.in_flight.values())
+            if not events:
+                return True
+            events[0].wait(max(0.0, deadline - time.monotonic()))
+        return False
+
+
+_CJK_RUN = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]+")
+_DENSE_BYTES = b"{}[]()<>:;,.=\"'`|\\/*+#@$%^&~-_!?\n\t"
+
+
+def estimate_tokens(text, factor=1.0):
     """DeepSeek tokens in a text: ~3.3 prose characters per token, CJK ~0.6 token per character,
-    punctuation-heavy code and JSON denser. Scaled by the calibration learnt from real usage."""
+    punctuation-heavy code and JSON denser; scaled by `factor`, the calibration learnt from usage."""
     if not text:
         return 0
-    cjk = len(_CJK.findall(text)) if not text.isascii() else 0
-    dense = len(text) - len(text.translate(_DENSE_CHARS))  # punctuation: a token each, nearly
+    cjk = sum(map(len, _CJK_RUN.findall(text))) if not text.isascii() else 0
+    encoded = text.encode("utf-8", "surrogatepass")  # bytes.translate is fast for any script
+    dense = len(encoded) - len(encoded.translate(None, _DENSE_BYTES))  # punctuation: ~a token each
     plain = len(text) - cjk - dense
-    return int((plain / 3.4 + dense * 0.55 + cjk * 0.6) * token_calibration.factor) + 1
+    return int((plain / 3.4 + dense * 0.55 + cjk * 0.6) * factor) + 1
 
 
 class TokenCalibration:
@@ -306,9 +538,6 @@ class TokenCalibration:
         with self._lock:
             raw = actual / (estimated / self.factor)
             self.factor = min(3.0, max(0.33, 0.7 * self.factor + 0.3 * raw))
-
-
-token_calibration = TokenCalibration()
 
 
 def content_text(content):
@@ -332,19 +561,41 @@ def map_content_text(content, transform):
     return content
 
 
-def message_tokens(message):
-    tokens = 4 + estimate_tokens(content_text(message.get("content")))
-    tokens += estimate_tokens(message.get("reasoning_content") or "")
+def has_non_text_parts(content):
+    return isinstance(content, list) and any(part.get("type") != "text" for part in content)
+
+
+def message_tokens(message, factor=1.0):
+    tokens = 4 + estimate_tokens(content_text(message.get("content")), factor)
+    tokens += estimate_tokens(message.get("reasoning_content") or "", factor)
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        tokens += 8 + estimate_tokens(str(function.get("name", "")) + str(function.get("arguments", "")))
+        tokens += 8 + estimate_tokens(str(function.get("name", "")) + str(function.get("arguments", "")), factor)
     return tokens
+
+
+def normalise_answer_text(text):
+    """Clients echo messages back with whitespace trimmed; compare texts without it."""
+    return "\n".join(line.rstrip() for line in (text or "").strip().splitlines())
 
 
 def error_body(message, error_type="invalid_request_error", code=None, param=None):
     """The one place that knows the OpenAI/DeepSeek error envelope."""
     return {"error": {"message": message, "type": error_type, "param": param,
                       "code": code or error_type}}
+
+
+class UpstreamError(Exception):
+    """DeepSeek could not be used: status and JSON body (the envelope above) to answer the client
+    with, and the seconds DeepSeek's Retry-After asked for, if it sent one."""
+
+    def __init__(self, status, body, retry_after=None):
+        super().__init__(status)
+        self.status, self.body, self.retry_after = status, body, retry_after
+
+    def message(self):
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        return error.get("message") if isinstance(error, dict) else str(self.body)
 
 
 def usage_cost(usage):
@@ -359,12 +610,12 @@ def usage_cost(usage):
             + (usage.get("completion_tokens") or 0) * PRICE_OUTPUT) / 1e6
 
 
-def load_api_key():
+def load_api_key(data_dir):
     """DEEPSEEK_API_KEY, else the first non-empty, non-comment line of K.dat (data dir, then script dir)."""
     key = os.environ.get("DEEPSEEK_API_KEY", "").strip()
     if key:
         return key
-    for folder in (DATA_DIR, SCRIPT_DIR):
+    for folder in (data_dir, SCRIPT_DIR):
         text = read_text(os.path.join(folder, "K.dat"))
         for line in (text or "").splitlines():
             line = line.strip()
@@ -374,333 +625,12 @@ def load_api_key():
 
 
 # =====================================================================================================
-# Conversation state. The proxy needs no conversation id from the client: every stage works from the
-# history the request carries. What survives between requests is keyed by what the client sends back:
-#   reasoning_cache  tool-call id (or hash of the preceding message + the answer text) -> reasoning
-#   summary_cache    SHA-256 of exactly the messages a summary replaced -> the summary
-#   post_sys/        SHA-256 of a system prompt -> its summary, on disk
+# The DeepSeek client: the forced request body, kept-open connections, retries, reading answers
+# (whole or as SSE events), DeepSeek's errors, and the proxy's own summary calls.
 # =====================================================================================================
 
-def normalise_answer_text(text):
-    """Clients echo an answer back with whitespace trimmed; compare answers without it."""
-    return "\n".join(line.rstrip() for line in (text or "").strip().splitlines())
-
-
-def reasoning_key(message, previous):
-    """The one key of an assistant turn in the reasoning cache, for writing and for reading.
-
-    A turn with tool calls is found by its first call id: DeepSeek makes them unique and every
-    client sends them back verbatim. A text-only turn is found by its trimmed text together with the
-    message it answered, so that two conversations that both answered "Done." do not share reasoning.
-    """
-    for call in message.get("tool_calls") or ():
-        if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"]:
-            return "call:" + call["id"]
-    answer = normalise_answer_text(content_text(message.get("content")))
-    if not answer:
-        return None
-    asked = ""
-    if previous is not None:
-        asked = previous.get("tool_call_id") or normalise_answer_text(content_text(previous.get("content")))
-    return "text:" + sha256_text(asked + "\x00" + answer)
-
-
-class PersistentLRU:
-    """An LRU (reasoning by reasoning_key, summaries by fingerprint), optionally mirrored to an
-    append-only JSONL file so that a restart in the middle of a session loses nothing.
-
-    Each new entry is appended as one line (cheap and crash-safe); the file is rewritten compactly
-    when it holds more than twice the capacity. A corrupt line is skipped.
-    """
-
-    def __init__(self, capacity, path=None):
-        self.entries = LRU(capacity)
-        self.path = path
-        self._file_lock = threading.Lock()
-        self._lines = 0
-
-    def load(self):
-        if not self.path or not os.path.exists(self.path):
-            return
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                for line in handle:
-                    self._lines += 1
-                    try:
-                        entry = json.loads(line)
-                        self.entries.put(entry["k"], entry["v"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
-        except (OSError, UnicodeDecodeError) as error:
-            warn_once("reading " + self.path, error)
-        log.info("%s: %d entries loaded", os.path.basename(self.path), len(self.entries))
-
-    def recall(self, key):
-        return self.entries.get(key) if key else None
-
-    def remember(self, key, value):
-        if not key or value is None or self.entries.get(key) == value:
-            return
-        self.entries.put(key, value)
-        if self.path:
-            self._append(json.dumps({"k": key, "v": value}) + "\n")  # ASCII: any text is safe
-
-    def _append(self, line):
-        with self._file_lock:
-            try:
-                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as handle:
-                    handle.write(line)
-                self._lines += 1
-                if self._lines > 2 * self.entries.capacity:
-                    self._compact()
-            except OSError as error:
-                warn_once("writing " + self.path, error)
-
-    def _compact(self):
-        items = self.entries.items()
-        atomic_write(self.path, "".join(json.dumps({"k": k, "v": v}) + "\n" for k, v in items))
-        self._lines = len(items)
-
-
-reasoning_cache = PersistentLRU(MAX_CACHE_SIZE)
-summary_cache = PersistentLRU(MAX_CACHE_SIZE)  # region fingerprint -> {summary, pulled}
-
-
-def wait_until_idle(lock, in_flight, timeout):
-    """Wait until `in_flight`, a dict of Events guarded by `lock`, is empty; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with lock:
-            events = list(in_flight.values())
-        if not events:
-            return True
-        events[0].wait(max(0.0, deadline - time.monotonic()))
-    return False
-
-
-def describe_error(error):
-    """DeepSeek's own message for an UpstreamError, else the exception itself."""
-    body = getattr(error, "body", None)
-    return body["error"].get("message") if isinstance(body, dict) and "error" in body else error
-
-
-class SystemPromptStore:
-    """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
-    (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
-
-    A new prompt is summarised by one background thread however many requests bring it at once;
-    a request waits for it up to SYSTEM_WAIT seconds. A summary that is not at most SYSTEM_MAX_RATIO
-    of the original is rejected by storing the original itself as the "summary", so the decision is
-    not retried. A failed call is retried after a growing pause (60 s, doubled), never per request.
-    """
-
-    def __init__(self):
-        self.memory = LRU(256)  # digest -> (mtime or None, text)
-        self.failures = LRU(256)  # digest -> (failures so far, monotonic time of the next try)
-        self.in_flight = {}  # digest -> threading.Event set when the attempt ends
-        self._lock = threading.Lock()
-
-    def lookup(self, text):
-        """The text to send for this system prompt: its summary, or None while there is none."""
-        digest = sha256_text(text)
-        found = self._stored(digest)
-        if found is not None:
-            return found
-        done = self._start(digest, text)
-        if done is not None and SYSTEM_WAIT > 0:
-            done.wait(SYSTEM_WAIT)
-            return self._stored(digest)
-        return None
-
-    def _stored(self, digest):
-        path = data_path("post_sys", digest + ".txt")
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            mtime = None
-        cached = self.memory.get(digest)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        if mtime is None:
-            return cached[1] if cached else None
-        text = read_text(path)  # None when empty, unreadable or not UTF-8: made again
-        if text is not None:
-            self.memory.put(digest, (mtime, text))
-        return text
-
-    def _start(self, digest, text):
-        with self._lock:
-            if digest in self.in_flight:
-                return self.in_flight[digest]
-            failed = self.failures.get(digest)
-            if failed and time.monotonic() < failed[1]:
-                return None
-            done = self.in_flight[digest] = threading.Event()
-        threading.Thread(target=self._summarise, args=(digest, text, done), daemon=True,
-                         name="summarise-system-" + digest[:8]).start()
-        return done
-
-    def _summarise(self, digest, text, done):
-        try:
-            if SAVE_PREPOST_SYSTEM:
-                self._save("pre_sys", digest, text)
-            summary = request_summary(
-                [{"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
-                SYSTEM_SUMMARY_MAX_TOKENS)
-            if len(summary) > SYSTEM_MAX_RATIO * len(text):
-                log.info("system prompt %s: summary of %d chars for %d is not short enough; keeping the "
-                         "original", digest[:12], len(summary), len(text))
-                summary = text
-            else:
-                log.info("system prompt %s summarised: %d -> %d chars", digest[:12], len(text), len(summary))
-            self._save("post_sys", digest, summary)
-            self.memory.put(digest, (self._mtime(digest), summary))
-            self.failures.put(digest, None)
-        except Exception as error:  # never fatal: the original is sent meanwhile
-            count = (self.failures.get(digest) or (0, 0))[0] + 1
-            pause = 60.0 * 2 ** min(count - 1, 6)
-            self.failures.put(digest, (count, time.monotonic() + pause))
-            log.warning("system prompt %s: summarising failed (%s); sending the original, next try in %.0fs",
-                        digest[:12], describe_error(error), pause)
-        finally:
-            with self._lock:
-                self.in_flight.pop(digest, None)
-            done.set()
-
-    @staticmethod
-    def _save(folder, digest, text):
-        try:
-            atomic_write(data_path(folder, digest + ".txt"), text)
-        except OSError as error:
-            warn_once("writing " + data_path(folder), error)
-
-    @staticmethod
-    def _mtime(digest):
-        try:
-            return os.stat(data_path("post_sys", digest + ".txt")).st_mtime_ns
-        except OSError:
-            return None
-
-    def wait_idle(self, timeout=30.0):
-        """Wait for summaries under way (tests, benchmarks)."""
-        return wait_until_idle(self._lock, self.in_flight, timeout)
-
-
-system_prompts = SystemPromptStore()
-
-
-class ConversationSummaries:
-    """Makes conversation summaries, at most one at a time per conversation (keyed by its head),
-    in the request's thread or in the background; results go to summary_cache. After a failure the
-    conversation is not summarised again for a growing pause (30 s, doubled)."""
-
-    def __init__(self):
-        self.in_flight = {}  # head fingerprint -> Event set when that conversation's summary ends
-        self.failures = LRU(256)  # head fingerprint -> (failures, monotonic time of the next try)
-        self._lock = threading.Lock()
-
-    def summarise(self, plan, prefix, ctx, background=False):
-        """Make the summary for plan (`prefix`: the messages as sent upstream up to plan.end).
-        Returns the summary, or None (failed, backing off, or started in the background). If this
-        conversation already has one under way, wait for that one instead (not in the background)."""
-        with self._lock:
-            failed = self.failures.get(plan.head_key)
-            if failed and time.monotonic() < failed[1]:
-                return None
-            under_way = self.in_flight.get(plan.head_key)
-            if under_way is None:
-                done = self.in_flight[plan.head_key] = threading.Event()
-        if under_way is not None:
-            if not background:
-                under_way.wait(UPSTREAM_TIMEOUT)
-            return None
-        if background:
-            threading.Thread(target=self._run, args=(plan, prefix, ctx, done), daemon=True,
-                             name="summarise-" + plan.key[:8]).start()
-            return None
-        return self._run(plan, prefix, ctx, done)
-
-    def _run(self, plan, prefix, ctx, done):
-        try:
-            summary = self._call(prefix, ctx)
-            summary_cache.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
-            self.failures.put(plan.head_key, None)
-            log.info("[%s] summarised %d messages into %d chars", ctx.request_id, plan.end - plan.head, len(summary))
-            return summary
-        except Exception as error:  # never fatal: the caller falls back
-            count = (self.failures.get(plan.head_key) or (0, 0))[0] + 1
-            pause = 30.0 * 2 ** min(count - 1, 6)
-            self.failures.put(plan.head_key, (count, time.monotonic() + pause))
-            log.warning("[%s] conversation summary failed (%s); next try in %.0fs", ctx.request_id,
-                        describe_error(error), pause)
-            return None
-        finally:
-            with self._lock:
-                self.in_flight.pop(plan.head_key, None)
-            done.set()
-
-    @staticmethod
-    def _call(prefix, ctx):
-        """Shaped for DeepSeek's prefix cache: the conversation exactly as sent before (same tools,
-        thinking and reasoning), then one instruction; tool_choice none so it answers in text."""
-        messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
-        return request_summary(messages, SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
-                               tools=ctx.tools, thinking=ctx.thinking)
-
-    def wait_for(self, head_key):
-        """Wait for this conversation's summary under way, if any; True if there was one."""
-        with self._lock:
-            under_way = self.in_flight.get(head_key)
-        if under_way is None:
-            return False
-        under_way.wait(UPSTREAM_TIMEOUT)
-        return True
-
-    def wait_idle(self, timeout=30.0):
-        """Wait for summaries under way (tests, benchmarks)."""
-        return wait_until_idle(self._lock, self.in_flight, timeout)
-
-
-conversation_summaries = ConversationSummaries()
-deepseek_api_key = ""  # set by main(); never logged
-
-
-class RequestContext:
-    """What one request's stages know and record: decisions, savings, counters for the log."""
-
-    def __init__(self, body):
-        self.request_id = uuid.uuid4().hex[:12]
-        self.tools = body.get("tools") or None
-        self.thinking = thinking_enabled(body)
-        self.saved = collections.Counter()  # stage name -> estimated tokens removed
-        self.reasoning_restored = 0
-        self.reasoning_filled = 0
-        self.notes = []  # short remarks for the log line and the X-Proxy-Notes header
-        self.normalised = None  # the messages after normalise_messages, as the client meant them
-        self.tokens_in = 0  # estimated prompt tokens as the client sent them
-        self.tokens_out = 0  # estimated prompt tokens after the pipeline
-        self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
-        self._token_memo = {}  # id(message) -> (message, tokens)
-        self._tools_tokens = None
-
-    def message_tokens(self, message):
-        """Estimated tokens of a message, computed once per message object in this request (the
-        stages pass unchanged messages on as the same objects)."""
-        entry = self._token_memo.get(id(message))
-        if entry is None or entry[0] is not message:
-            entry = self._token_memo[id(message)] = (message, message_tokens(message))
-        return entry[1]
-
-    def prompt_tokens(self, messages):
-        """Estimated prompt tokens of messages plus this request's tool definitions."""
-        if self._tools_tokens is None:
-            self._tools_tokens = estimate_tokens(json.dumps(self.tools)) if self.tools else 0
-        return sum(self.message_tokens(message) for message in messages) + self._tools_tokens
-
-    def removed(self, stage, text, kept=""):
-        """Record that `stage` replaced `text` by `kept`."""
-        self.saved[stage] += estimate_tokens(text) - estimate_tokens(kept)
+FORWARDED_FIELDS = ("tools", "tool_choice", "response_format", "stop")  # client fields DeepSeek gets
+RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 
 
 def thinking_enabled(body):
@@ -712,11 +642,436 @@ def thinking_enabled(body):
     return not (choice == "required" or isinstance(choice, dict))
 
 
+def build_upstream_body(body, messages, thinking):
+    """The request DeepSeek receives: our model, max_tokens and thinking, the messages as the
+    pipeline left them, and only the functional fields. Sampling knobs, n, logprobs, seed, store,
+    metadata, user, parallel_tool_calls and the client's own model settings are dropped."""
+    upstream = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": MAX_OUTPUT_TOKENS,
+                "thinking": {"type": "enabled" if thinking else "disabled"}}
+    if REASONING_EFFORT and thinking:
+        upstream["reasoning_effort"] = REASONING_EFFORT
+    for field in FORWARDED_FIELDS:
+        if body.get(field) is not None:
+            upstream[field] = body[field]
+    if body.get("stream"):
+        # Always ask for usage: the proxy measures every call. The client gets DeepSeek's chunks
+        # unchanged either way ("usage": null on earlier chunks is valid OpenAI shape).
+        upstream["stream"] = True
+        upstream["stream_options"] = {"include_usage": True}
+    return upstream
+
+
+class UpstreamResponse:
+    """A 200 answer from DeepSeek being read; its connection goes back to the pool only when the
+    answer was read to its end (close() decides)."""
+
+    def __init__(self, pool, connection, response):
+        self._pool, self._connection, self._response = pool, connection, response
+        self.status, self.headers = response.status, response.headers
+
+    def read(self, limit):
+        """The whole body, at most `limit` bytes; a longer one is an UpstreamError."""
+        data = self._response.read(limit + 1)
+        if len(data) > limit:
+            raise UpstreamError(502, error_body("DeepSeek's answer exceeds %d bytes." % limit, "upstream_error"))
+        return data
+
+    def readline(self, limit):
+        return self._response.readline(limit)
+
+    def close(self):
+        if self._connection is None:
+            return
+        connection, self._connection = self._connection, None
+        reusable = self._response.isclosed() and not self._response.will_close
+        if not reusable:
+            self._response.close()
+        self._pool.release(connection, reusable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class UpstreamPool:
+    """Kept-open connections to one upstream origin (http.client: TLS verified, redirects never
+    followed). A connection is reused only after its previous answer was read to the end; one that
+    the server closed while idle is replaced once, transparently. At most `size` idle connections
+    are kept; any number may be open at once while answers stream."""
+
+    IDLE_SECONDS = 50.0  # an idle connection older than this is not reused (servers close them)
+
+    def __init__(self, base_url, size):
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("upstream URL must be http:// or https:// with a host: %r" % base_url)
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
+        self.path = parts.path.rstrip("/")
+        self.size = size
+        self.idle = collections.deque()  # (connection, monotonic time it went idle)
+        self.opened = 0  # connections made so far (tests and benchmarks read it)
+        self._lock = threading.Lock()
+
+    def _connect(self, timeout):
+        tunnel = None if is_loopback(self.host) else environment_proxy(self.https, self.host)
+        target = tunnel or (self.host, self.port)
+        if self.https:
+            connection = http.client.HTTPSConnection(target[0], target[1], timeout=timeout,
+                                                     context=ssl.create_default_context())
+        else:
+            connection = http.client.HTTPConnection(target[0], target[1], timeout=timeout)
+        if tunnel:
+            connection.set_tunnel(self.host, self.port)
+        with self._lock:
+            self.opened += 1
+        return connection
+
+    def _acquire(self, timeout):
+        now = time.monotonic()
+        with self._lock:
+            while self.idle:
+                connection, since = self.idle.pop()
+                if now - since < self.IDLE_SECONDS and connection.sock is not None:
+                    connection.sock.settimeout(timeout)
+                    return connection, True
+                connection.close()
+        return self._connect(timeout), False
+
+    def release(self, connection, reusable):
+        with self._lock:
+            if reusable and connection.sock is not None and len(self.idle) < self.size:
+                self.idle.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def post(self, path, data, headers, timeout):
+        """Send one POST; returns (connection, http.client response). A kept-open connection that
+        turns out closed by the server is retried once on a new one (the request never arrived)."""
+        connection, reused = self._acquire(timeout)
+        while True:
+            try:
+                connection.request("POST", self.path + path, body=data, headers=headers)
+                return connection, connection.getresponse()
+            except (http.client.RemoteDisconnected, http.client.BadStatusLine, BrokenPipeError,
+                    ConnectionResetError, ConnectionAbortedError):
+                connection.close()
+                if not reused:
+                    raise
+                connection, reused = self._connect(timeout), False
+            except BaseException:
+                connection.close()
+                raise
+
+    def close(self):
+        with self._lock:
+            while self.idle:
+                self.idle.pop()[0].close()
+
+
+def environment_proxy(https, host):
+    """(host, port) of the HTTP(S)_PROXY the environment names for this host, or None."""
+    proxies = urllib.request.getproxies()
+    if urllib.request.proxy_bypass(host):
+        return None
+    url = proxies.get("https" if https else "http")
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    return (parts.hostname, parts.port or 80) if parts.hostname else None
+
+
+def redact(text, api_key):
+    """Text from upstream with anything key-like removed, before it reaches a client or a log."""
+    if api_key:
+        text = text.replace(api_key, "[redacted]")
+    return _KEY_LIKE.sub("[redacted]", text)
+
+
+_KEY_LIKE = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+|\bsk-[A-Za-z0-9_\-]{6,}")
+
+
+def retry_after_seconds(headers):
+    """The Retry-After header as seconds (a number or an HTTP date), or None."""
+    value = (headers.get("Retry-After") or "").strip() if headers else ""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+        except (TypeError, ValueError, IndexError):
+            return None
+
+
+def upstream_failure(status, raw, headers, api_key):
+    """The UpstreamError for a non-200 answer: DeepSeek's JSON error as it came (redacted), our own
+    words where relaying DeepSeek's would mislead (its 401/402 are about the proxy's key), and only a
+    bounded, redacted excerpt of anything that is not DeepSeek's JSON (a gateway's page)."""
+    text = redact(raw.decode("utf-8", "replace"), api_key)
+    if status == 401:
+        log.warning("DeepSeek refused the proxy's DeepSeek API key (DEEPSEEK_API_KEY / K.dat): every "
+                    "request will fail until it is replaced")
+        body = error_body("DeepSeek refused the proxy's DeepSeek API key (set with DEEPSEEK_API_KEY or "
+                          "K.dat on the proxy's machine); the key your client sends is not the problem.",
+                          "authentication_error", "upstream_key_refused")
+    elif status == 402:
+        log.warning("DeepSeek reports insufficient balance for the proxy's DeepSeek API key")
+        body = error_body("DeepSeek reports insufficient balance on the account of the proxy's DeepSeek "
+                          "API key (DEEPSEEK_API_KEY / K.dat): top it up.", "insufficient_balance",
+                          "upstream_insufficient_balance")
+    elif 300 <= status < 400:
+        body = error_body("DeepSeek answered with a redirect (%d), which the proxy does not follow: check "
+                          "--upstream." % status, "upstream_error", "upstream_redirect")
+        status = 502
+    else:
+        try:
+            parsed = json.loads(text)
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                return UpstreamError(status, parsed, retry_after_seconds(headers))
+        except ValueError:
+            pass
+        excerpt = " ".join(text.split())[:200] or http.HTTPStatus(status).phrase
+        body = error_body("DeepSeek answered %d: %s" % (status, excerpt), "upstream_error")
+    return UpstreamError(status, body, retry_after_seconds(headers))
+
+
+def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None):
+    """POST payload to DeepSeek's chat endpoint; returns the UpstreamResponse (status 200).
+
+    429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
+    doubled each time, or what Retry-After asks (capped at UPSTREAM_RETRY_AFTER_MAX); other statuses
+    are raised at once as UpstreamError."""
+    retries = UPSTREAM_MAX_RETRIES if retries is None else retries
+    base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
+    data = encode_json(payload)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + state.api_key,
+               "Accept": "text/event-stream" if payload.get("stream") else "application/json",
+               "User-Agent": "deepseek-proxy/" + __version__}
+    for attempt in range(retries + 1):
+        retry_note = " after %d attempts" % (attempt + 1) if attempt else ""
+        try:
+            connection, response = state.upstream.post("/chat/completions", data, headers,
+                                                       timeout or UPSTREAM_TIMEOUT)
+            if response.status == 200:
+                return UpstreamResponse(state.upstream, connection, response)
+            try:
+                raw = response.read(64 * 1024)
+            finally:
+                connection.close()
+            failure = upstream_failure(response.status, raw, response.headers, state.api_key)
+            if response.status not in RETRYABLE_STATUSES:
+                raise failure
+        except (TimeoutError, socket.timeout) as error:
+            failure = UpstreamError(504, error_body("DeepSeek did not answer in time%s: %s" % (
+                retry_note, error), "upstream_timeout"))
+        except (OSError, http.client.HTTPException) as error:
+            failure = UpstreamError(502, error_body("Cannot reach DeepSeek at %s%s: %s" % (
+                DEEPSEEK_BASE, retry_note, error or type(error).__name__), "upstream_unreachable"))
+        if attempt < retries:
+            delay = base_sleep * (2 ** attempt)
+            if failure.retry_after is not None:
+                delay = max(delay, min(failure.retry_after, UPSTREAM_RETRY_AFTER_MAX))
+            log.info("upstream attempt %d failed (%s), retrying in %.1fs", attempt + 1, failure.status, delay)
+            time.sleep(delay)
+    raise failure
+
+
+def call_deepseek_json(state, payload, retries, base_sleep, timeout=None):
+    """One non-streaming call for the proxy's own use (summaries): returns the parsed answer."""
+    with open_upstream(state, payload, retries=retries, base_sleep=base_sleep, timeout=timeout) as response:
+        return json.loads(response.read(MAX_UPSTREAM_EVENT_BYTES).decode("utf-8"))
+
+
+def request_summary(state, messages, max_tokens, tools=None, thinking=False):
+    """The proxy's own summarisation call: SUMMARY_MODEL, not streamed, SUMMARISE_MAX_RETRIES
+    attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
+    sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
+    Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
+    payload = {"model": SUMMARY_MODEL or DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
+               "thinking": {"type": "enabled" if thinking else "disabled"}, "stream": False}
+    if tools:
+        payload["tools"], payload["tool_choice"] = tools, "none"
+    answer = call_deepseek_json(state, payload, SUMMARISE_MAX_RETRIES - 1, SUMMARISE_RETRY_BASE_SLEEP)
+    state.stats.record_summary(answer.get("usage"))
+    choice = (answer.get("choices") or [{}])[0]
+    text = ((choice.get("message") or {}).get("content") or "").strip()
+    if not text or choice.get("finish_reason") not in (None, "stop"):
+        raise ValueError("no usable summary (finish_reason %s)" % choice.get("finish_reason"))
+    return text
+
+
+class AnswerCollector:
+    """Rebuilds the assistant message and the usage from streamed chunks or a whole response."""
+
+    def __init__(self):
+        self.reasoning, self.content, self.tool_calls = [], [], {}
+        self.saw_reasoning = False
+        self.finish_reason = None
+        self.usage = None
+        self.done = False
+
+    def feed_event(self, block):
+        for line in block.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                self.feed_chunk(json.loads(data))
+            except (ValueError, TypeError, AttributeError, KeyError):
+                continue  # an odd chunk is still relayed as it came; it just is not understood
+
+    def feed_chunk(self, chunk):
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("reasoning_content") is not None:
+                self.saw_reasoning = True
+                self.reasoning.append(delta["reasoning_content"])
+            if delta.get("content"):
+                self.content.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                slot = self.tool_calls.setdefault(call.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] = function.get("name") or slot["function"]["name"]
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+    def feed_response(self, response):
+        try:
+            self.usage = response.get("usage")
+            choice = (response.get("choices") or [{}])[0]
+            message = choice.get("message") or {}
+            self.finish_reason = choice.get("finish_reason")
+            if message.get("reasoning_content") is not None:
+                self.saw_reasoning = True
+                self.reasoning.append(message["reasoning_content"])
+            self.content.append(message.get("content") or "")
+            for index, call in enumerate(message.get("tool_calls") or ()):
+                self.tool_calls[index] = call
+        except (TypeError, AttributeError, KeyError):
+            pass  # an odd answer is still relayed as it came; it just is not understood
+
+    @property
+    def complete(self):
+        """The answer has ended (its finish chunk or [DONE] arrived)."""
+        return bool(self.finish_reason) or self.done
+
+    def message(self):
+        message = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.saw_reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
+        return message
+
+
 # =====================================================================================================
-# Pipeline stages. Each takes the messages and the RequestContext and returns new messages; none
-# mutates its input, and each records what it removed in ctx. run_pipeline() keeps a failing stage's
-# input, so no stage can break a request. PIPELINE, at the end of this section, is the order of work.
+# Pipeline stages. The contract: a Stage has a name, the flag that enables it, a request hook
+# (messages, ctx) -> messages that returns new messages and never mutates its input, and optionally an
+# answer hook (ctx, answer message, usage) run when DeepSeek's answer has ended, before its last byte
+# reaches the client. A `required` stage keeps the request valid (normalise, restore reasoning): if it
+# fails, the request fails. Any other stage is an optional compression and fails open: its input goes
+# on, and the log and X-Proxy-Notes say so. Each section below holds one stage with its store and
+# helpers; PIPELINE, after them, is the order of work.
 # =====================================================================================================
+
+class Stage:
+    def __init__(self, name, request, enabled=None, answer=None, required=False):
+        self.name, self.request, self.answer, self.required = name, request, answer, required
+        self.enabled = enabled or (lambda: True)
+
+
+class RequestContext:
+    """What one request's stages know and record: the proxy state, decisions, savings, notes.
+
+    `normalised` is the history as the client meant it (after normalise_messages). `chain[k]`
+    identifies its first k messages (a SHA-256 chain over what survives a client's echo of a
+    message), so anything keyed by it can only be found again inside the same conversation."""
+
+    def __init__(self, body, state):
+        self.state = state
+        self.request_id = uuid.uuid4().hex[:12]
+        self.tools = body.get("tools") or None
+        self.thinking = thinking_enabled(body)
+        self.saved = collections.Counter()  # stage name -> estimated tokens removed
+        self.reasoning_restored = 0
+        self.reasoning_filled = 0
+        self.notes = []  # short remarks for the log line and the X-Proxy-Notes header
+        self.normalised = None
+        self.tokens_in = 0  # estimated prompt tokens as the client sent them
+        self.tokens_out = 0  # estimated prompt tokens after the pipeline
+        self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
+        self._chain = None
+        self._token_memo = {}  # id(message) -> (message, tokens)
+        self._tools_tokens = None
+
+    @property
+    def chain(self):
+        if self._chain is None:
+            self._chain = history_chain(self.normalised or [])
+        return self._chain
+
+    @property
+    def conversation_key(self):
+        """The conversation: its history up to and including its first assistant turn (distinct
+        even between sessions opened with the same system prompt and first message)."""
+        for index, message in enumerate(self.normalised or ()):
+            if message["role"] == "assistant":
+                return self.chain[index + 1].hex()
+        return self.chain[-1].hex()
+
+    def message_tokens(self, message):
+        """Estimated tokens of a message, computed once per message object in this request (the
+        stages pass unchanged messages on as the same objects)."""
+        entry = self._token_memo.get(id(message))
+        if entry is None or entry[0] is not message:
+            entry = self._token_memo[id(message)] = (message, message_tokens(message, self.state.calibration.factor))
+        return entry[1]
+
+    def prompt_tokens(self, messages):
+        """Estimated prompt tokens of messages plus this request's tool definitions."""
+        if self._tools_tokens is None:
+            self._tools_tokens = estimate_tokens(json.dumps(self.tools), self.state.calibration.factor) \
+                if self.tools else 0
+        return sum(self.message_tokens(message) for message in messages) + self._tools_tokens
+
+    def removed(self, stage, text, kept=""):
+        """Record that `stage` replaced `text` by `kept`."""
+        factor = self.state.calibration.factor
+        self.saved[stage] += estimate_tokens(text, factor) - estimate_tokens(kept, factor)
+
+
+def message_digest(message):
+    """What identifies a message across a client's echoes of it: role, tool_call_id, text without
+    trailing whitespace, tool-call ids. Not reasoning (clients drop it), not unknown keys."""
+    text = content_text(message.get("content"))
+    text = normalise_answer_text(text) if (" \n" in text or "\t\n" in text or "\r" in text) else text.strip()
+    ids = [str(call.get("id")) for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    record = "\x00".join([message.get("role", ""), message.get("tool_call_id") or "", text] + ids)
+    return hashlib.sha256(record.encode("utf-8", "surrogatepass")).digest()
+
+
+def history_chain(messages):
+    """chain[k] identifies messages[:k]: chain[k] = SHA-256(chain[k-1] + message_digest(messages[k-1]))."""
+    chain = [b""]
+    for message in messages:
+        chain.append(hashlib.sha256(chain[-1] + message_digest(message)).digest())
+    return chain
+
+
+# -- Stage: normalise_messages ------------------------------------------------------------------------
 
 MESSAGE_KEYS = {
     "system": ("role", "content", "name"),
@@ -789,6 +1144,86 @@ def normalise_messages(messages, ctx):
     return result
 
 
+# -- Stage: restore_reasoning -------------------------------------------------------------------------
+
+class ReasoningCache:
+    """reasoning_content of assistant turns, by conversation (ctx.conversation_key) and turn (the
+    history chain through the turn), so a lookup can only succeed inside the conversation that
+    produced the reasoning, whatever two conversations' last exchanges have in common.
+
+    Bounded twice: MAX_CACHE_SIZE conversations (least recently used go first, whole) and
+    MAX_CACHE_BYTES characters of reasoning in all. Mirrored to an append-only JSONL file (a
+    background writer; compacted when it holds twice what memory does), so a restart loses nothing."""
+
+    def __init__(self, conversations, max_bytes, path=None):
+        self.capacity, self.max_bytes = max(1, conversations), max_bytes
+        self.conversations = collections.OrderedDict()  # conversation -> {turn: reasoning}
+        self.bytes = 0
+        self.entries = 0
+        self.file = JsonlFile(path) if path else None
+        self._lock = threading.Lock()
+        self._compacting = False
+
+    def load(self):
+        if not self.file:
+            return
+        for record in self.file.load():
+            if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in "ckv"):
+                self._put(record["c"], record["k"], record["v"])
+        log.info("%s: %d reasoning entries loaded", os.path.basename(self.file.path), self.entries)
+
+    def recall(self, conversation, turn):
+        with self._lock:
+            turns = self.conversations.get(conversation)
+            if turns is None:
+                return None
+            self.conversations.move_to_end(conversation)
+            return turns.get(turn)
+
+    def remember(self, conversation, turn, reasoning):
+        if not self._put(conversation, turn, reasoning) or not self.file:
+            return
+        self.file.append({"c": conversation, "k": turn, "v": reasoning})
+        if self.file.lines > 2 * self.entries + 1000 and not self._compacting:
+            self._compacting = True
+            threading.Thread(target=self._compact, daemon=True, name="compact-reasoning").start()
+
+    def _put(self, conversation, turn, reasoning):
+        with self._lock:
+            turns = self.conversations.setdefault(conversation, {})
+            self.conversations.move_to_end(conversation)
+            old = turns.get(turn)
+            if old == reasoning:
+                return False
+            self.bytes += len(reasoning) - len(old or "")
+            self.entries += old is None
+            turns[turn] = reasoning
+            while len(self.conversations) > 1 and (len(self.conversations) > self.capacity
+                                                   or self.bytes > self.max_bytes):
+                _key, evicted = self.conversations.popitem(last=False)
+                self.bytes -= sum(len(text) for text in evicted.values())
+                self.entries -= len(evicted)
+            return True
+
+    def _compact(self):
+        try:
+            self.file.flush()
+            with self._lock:
+                records = [{"c": c, "k": k, "v": v} for c, turns in self.conversations.items()
+                           for k, v in turns.items()]
+            self.file.rewrite(records)
+        finally:
+            self._compacting = False
+
+    def __len__(self):
+        return self.entries
+
+
+def turn_keys(ctx, index):
+    """(conversation, turn) keys of the assistant message at ctx.normalised[index]."""
+    return ctx.conversation_key, ctx.chain[index + 1].hex()
+
+
 def restore_reasoning(messages, ctx):
     """Give each earlier assistant turn its reasoning_content back when thinking is on and the
     request has tools (DeepSeek answers 400 otherwise). Unknown reasoning (a restart without the
@@ -799,8 +1234,7 @@ def restore_reasoning(messages, ctx):
     result = []
     for index, message in enumerate(messages):
         if message["role"] == "assistant" and message.get("reasoning_content") is None:
-            previous = messages[index - 1] if index else None
-            reasoning = reasoning_cache.recall(reasoning_key(message, previous))
+            reasoning = ctx.state.reasoning.recall(*turn_keys(ctx, index))
             if reasoning is None:
                 reasoning = ""
                 ctx.reasoning_filled += 1
@@ -811,31 +1245,65 @@ def restore_reasoning(messages, ctx):
     return result
 
 
-def boilerplate_regex():
-    """One regex matching any block of BOILERPLATE_PATTERNS, attributes on the open tag allowed."""
-    alternatives = []
-    for open_tag, close_tag in BOILERPLATE_PATTERNS.values():
-        opening = re.escape(open_tag[:-1]) + r"(?:\s[^>]*)?>" if open_tag.endswith(">") else re.escape(open_tag)
-        alternatives.append(opening + r".*?" + re.escape(close_tag))
-    return re.compile("|".join("(?:%s)" % alt for alt in alternatives), re.DOTALL)
+def remember_reasoning(ctx, answer, usage):
+    """Answer hook: store the answer's reasoning under the keys the client's echo of it will have."""
+    if answer.get("reasoning_content") is None or ctx.normalised is None:
+        return
+    turn = hashlib.sha256(ctx.chain[-1] + message_digest(answer)).hexdigest()
+    has_assistant = any(message["role"] == "assistant" for message in ctx.normalised)
+    ctx.state.reasoning.remember(ctx.conversation_key if has_assistant else turn, turn,
+                                 answer["reasoning_content"])
 
 
-_boilerplate_cache = {}
-
-
-def current_boilerplate_regex():
-    """The boilerplate regex for the table as it is now; rebuilt only when the table changes."""
-    key = tuple(BOILERPLATE_PATTERNS.items())
-    regex = _boilerplate_cache.get(key)
-    if regex is None:
-        regex = boilerplate_regex()
-        _boilerplate_cache.clear()
-        _boilerplate_cache[key] = regex
-    return regex
-
+# -- Stage: dedup_boilerplate (F-1) ------------------------------------------------------------------
 
 PLACEHOLDER = "[repeated context omitted]"
 DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
+_opener_cache = {}
+
+
+def boilerplate_openers():
+    """One regex finding the open tag of any block of BOILERPLATE_PATTERNS (attributes allowed),
+    and the close tag of each open tag's name; rebuilt only when the table changes. It starts with a
+    literal '<' (re skips to candidates quickly), and attributes are [^<>]*, so an open tag that
+    never closes is scanned at most up to the next '<'."""
+    key = tuple(BOILERPLATE_PATTERNS.items())
+    found = _opener_cache.get(key)
+    if found is None:
+        names, closes = [], {}
+        for open_tag, close_tag in BOILERPLATE_PATTERNS.values():
+            name = open_tag[1:].rstrip(">")
+            names.append(re.escape(name))
+            closes[name] = close_tag
+        pattern = re.compile(r"<(%s)(?:\s[^<>]*)?>" % "|".join(sorted(names, key=len, reverse=True)))
+        found = (pattern, closes)
+        _opener_cache.clear()
+        _opener_cache[key] = found
+    return found
+
+
+def find_boilerplate_blocks(text):
+    """(start, end) of each boilerplate block: an open tag through the nearest matching close tag.
+    Linear in the text: each close tag is searched for once per position it could be found at
+    (an unclosed tag costs one scan, not one scan per opening)."""
+    if "<" not in text:
+        return []
+    openers, closes = boilerplate_openers()
+    next_close = {}  # close tag -> where it next occurs at or after the last search (-1: nowhere)
+    blocks, position = [], 0
+    while True:
+        match = openers.search(text, position)
+        if match is None:
+            return blocks
+        close = closes[match.group(1)]
+        at = next_close.get(close)
+        if at is None or (at != -1 and at < match.end()):
+            at = next_close[close] = text.find(close, match.end())
+        if at == -1:
+            position = match.end()
+            continue
+        blocks.append((match.start(), at + len(close)))
+        position = at + len(close)
 
 
 def dedup_boilerplate(messages, ctx):
@@ -852,9 +1320,6 @@ def dedup_boilerplate(messages, ctx):
     messages before it: a restart or a second client gives the same bytes, and what was produced for
     earlier messages comes out again unchanged, which keeps DeepSeek's prefix cache hitting.
     """
-    if not DEDUP_BOILERPLATE:
-        return messages
-    blocks = current_boilerplate_regex()
     seen = collections.OrderedDict()  # fingerprint -> True, least recently seen first
     previous_lines = {}  # tag -> set of the lines of the last block with that tag
 
@@ -884,7 +1349,7 @@ def dedup_boilerplate(messages, ctx):
         return "\n".join([lines[0], DELTA_NOTE % tag] + fresh + [lines[-1]])
 
     def reduce_paragraphs(text):
-        parts = re.split(r"(\n\s*\n)", text)
+        parts = re.split(r"(\n[^\S\n]*\n\s*)", text)
         kept = [part for part in parts if len(part) < MIN_SEGMENT_CHARS or not already_seen(part)]
         if len(kept) == len(parts):
             return text
@@ -893,17 +1358,19 @@ def dedup_boilerplate(messages, ctx):
         return reduced
 
     def reduce_text(text, role):
+        paragraphs = MIN_SEGMENT_CHARS and role == "user"
         pieces, last = [], 0
-        for match in blocks.finditer(text):
-            plain = text[last:match.start()]
-            pieces.append(reduce_paragraphs(plain) if MIN_SEGMENT_CHARS and role == "user" else plain)
-            reduced = reduce_block(match.group(0))
-            if reduced != match.group(0):
-                ctx.removed("dedup_boilerplate", match.group(0), reduced)
+        for start, end in find_boilerplate_blocks(text):
+            plain = text[last:start]
+            pieces.append(reduce_paragraphs(plain) if paragraphs else plain)
+            block = text[start:end]
+            reduced = reduce_block(block)
+            if reduced != block:
+                ctx.removed("dedup_boilerplate", block, reduced)
             pieces.append(reduced)
-            last = match.end()
+            last = end
         tail = text[last:]
-        pieces.append(reduce_paragraphs(tail) if MIN_SEGMENT_CHARS and role == "user" else tail)
+        pieces.append(reduce_paragraphs(tail) if paragraphs else tail)
         result = "".join(pieces)
         if result == text:
             return text
@@ -921,16 +1388,12 @@ def dedup_boilerplate(messages, ctx):
     return result
 
 
-def has_non_text_parts(content):
-    return isinstance(content, list) and any(part.get("type") != "text" for part in content)
-
+# -- Stage: dedup_tool_outputs ------------------------------------------------------------------------
 
 def dedup_tool_outputs(messages, ctx):
     """A tool result byte-identical to an earlier one (a file read again) becomes a one-line
     reference to the earlier call. Each text part counts alone, so Cline's results, whose second
     part is an ever-changing environment_details, are caught too. The first copy always stays."""
-    if not DEDUP_TOOL_OUTPUTS:
-        return messages
     call_names = {}
     first_seen = {}  # SHA-256 of an output text -> the tool_call_id that first returned it
     result = []
@@ -958,17 +1421,20 @@ def dedup_tool_outputs(messages, ctx):
     return result
 
 
+# -- Stage: dedup_markdown_blocks ---------------------------------------------------------------------
+
 _FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$")
 
 
 def find_fenced_blocks(text):
-    """(start, end, opening line, closing line, body) of each closed fenced code block."""
+    """(start, end, opening line, closing line, body) of each closed fenced code block; one pass
+    over the lines, so an unclosed fence costs nothing more than the lines after it."""
     if "```" not in text and "~~~" not in text:
         return []
     blocks, offset, opening = [], 0, None
     for line in text.splitlines(keepends=True):
         stripped = line.rstrip("\r\n")
-        match = _FENCE.match(stripped)
+        match = _FENCE.match(stripped) if stripped[:4].lstrip(" ")[:1] in ("`", "~") else None
         if opening is None:
             if match and not (match.group(2)[0] == "`" and "`" in match.group(3)):
                 opening = (offset, match.group(2), stripped, offset + len(line))
@@ -1039,6 +1505,8 @@ def dedup_markdown_blocks(messages, ctx):
     return result
 
 
+# -- Stage: compress_system_prompt --------------------------------------------------------------------
+
 SYSTEM_SUMMARY_PROMPT = (
     "Rewrite the system prompt you are given for an AI coding assistant so that it is as short as "
     "possible while meaning exactly the same to the assistant. Keep every instruction, rule, "
@@ -1046,20 +1514,137 @@ SYSTEM_SUMMARY_PROMPT = (
     "requirement and example that the assistant must follow, and keep its XML section tags (such as "
     "<instructions>) in their order. Remove repetition, filler, politeness and explanations of why. "
     "Answer with the rewritten prompt only.")
+SYSTEM_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.txt$")
+
+
+class SystemPromptStore:
+    """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
+    (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
+
+    A summary is a paid call, so a prompt is summarised only once SYSTEM_MIN_SEEN requests carried
+    it (a prompt seen once is not worth it), at most SYSTEM_SUMMARIES_PER_HOUR times an hour, and
+    only MAX_SYSTEM_PROMPTS summaries (and originals) are kept on disk. One background thread makes
+    it however many requests bring the prompt at once; a request waits for it up to SYSTEM_WAIT
+    seconds. A summary that is not at most SYSTEM_MAX_RATIO of the original is rejected by storing
+    the original itself as the "summary", so the decision is not retried. A failed call is retried
+    after a growing pause (60 s, doubled), never per request."""
+
+    def __init__(self, state):
+        self.state = state
+        self.memory = LRU(256)  # digest -> (mtime or None, text)
+        self.seen = LRU(4096)  # digest -> requests that carried the prompt
+        self.flight = SingleFlight("system prompt", 60.0)
+        self.recent_calls = collections.deque()  # monotonic times of summary calls in the last hour
+        self.capped = LRU(1024)  # digests already reported as over the hourly cap
+        self._lock = threading.Lock()
+
+    def lookup(self, text):
+        """The text to send for this system prompt: its summary, or None while there is none."""
+        digest = sha256_text(text)
+        found = self._stored(digest)
+        if found is not None:
+            return found
+        count = (self.seen.get(digest) or 0) + 1
+        self.seen.put(digest, count)
+        if count < SYSTEM_MIN_SEEN or not self._within_hourly_cap(digest):
+            return None
+        status, done = self.flight.begin(digest)
+        if status == "run":
+            threading.Thread(target=self._summarise, args=(digest, text, done), daemon=True,
+                             name="summarise-system-" + digest[:8]).start()
+        if done is not None and SYSTEM_WAIT > 0:
+            done.wait(SYSTEM_WAIT)
+            return self._stored(digest)
+        return None
+
+    def _within_hourly_cap(self, digest):
+        now = time.monotonic()
+        with self._lock:
+            while self.recent_calls and now - self.recent_calls[0] > 3600:
+                self.recent_calls.popleft()
+            if self.flight.running(digest) or len(self.recent_calls) < SYSTEM_SUMMARIES_PER_HOUR:
+                if not self.flight.running(digest):
+                    self.recent_calls.append(now)
+                return True
+        if self.capped.get(digest) is None:
+            self.capped.put(digest, True)
+            log.warning("system prompt %s sent unsummarised: %d summaries made in the last hour "
+                        "(--system-summaries-per-hour)", digest[:12], SYSTEM_SUMMARIES_PER_HOUR)
+        return False
+
+    def _path(self, folder, digest):
+        return os.path.join(self.state.data_dir, folder, digest + ".txt")
+
+    def _stored(self, digest):
+        path = self._path("post_sys", digest)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = None
+        cached = self.memory.get(digest)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        if mtime is None:
+            return cached[1] if cached else None
+        text = read_text(path)  # None when empty, unreadable or not UTF-8: made again
+        if text is not None:
+            self.memory.put(digest, (mtime, text))
+        return text
+
+    def _summarise(self, digest, text, done):
+        error = None
+        try:
+            if SAVE_PREPOST_SYSTEM:
+                self._save("pre_sys", digest, text)
+            summary = self.state.summarise([
+                {"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
+                SYSTEM_SUMMARY_MAX_TOKENS)
+            if len(summary) > SYSTEM_MAX_RATIO * len(text):
+                log.info("system prompt %s: summary of %d chars for %d is not short enough; keeping the "
+                         "original", digest[:12], len(summary), len(text))
+                summary = text
+            else:
+                log.info("system prompt %s summarised: %d -> %d chars", digest[:12], len(text), len(summary))
+            self._save("post_sys", digest, summary)
+            try:
+                mtime = os.stat(self._path("post_sys", digest)).st_mtime_ns
+            except OSError:
+                mtime = None
+            self.memory.put(digest, (mtime, summary))
+        except Exception as failure:  # never fatal: the original is sent meanwhile
+            error = failure
+        finally:
+            pause = self.flight.end(digest, done, error)
+        if error is not None:
+            log.warning("system prompt %s: summarising failed (%s); sending the original, next try in %.0fs",
+                        digest[:12], describe_error(error), pause)
+
+    def _save(self, folder, digest, text):
+        try:
+            atomic_write(self._path(folder, digest), text)
+            prune_files(os.path.join(self.state.data_dir, folder), SYSTEM_FILE_NAME, MAX_SYSTEM_PROMPTS)
+        except OSError as error:
+            warn_once("writing " + os.path.join(self.state.data_dir, folder), error)
+
+    def wait_idle(self, timeout=30.0):
+        """Wait for summaries under way (tests, benchmarks)."""
+        return self.flight.wait_idle(timeout)
+
+
+def describe_error(error):
+    return error.message() if isinstance(error, UpstreamError) else repr(error)
 
 
 def compress_system_prompt(messages, ctx):
     """A system message of at least SYSTEM_MIN_CHARS is replaced by its summary, made once per
-    distinct prompt through DeepSeek and kept in post_sys/<sha256>.txt (originals in pre_sys/).
-    Until the summary exists the original goes (SYSTEM_WAIT = 0), so no request waits for it."""
-    if not COMPRESS_SYSTEM:
-        return messages
+    distinct recurring prompt through DeepSeek and kept in post_sys/<sha256>.txt (originals in
+    pre_sys/). Until the summary exists the original goes (SYSTEM_WAIT = 0), so no request waits."""
     result = []
     for message in messages:
         if message["role"] == "system":
             text = content_text(message.get("content"))
             if len(text) >= SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
-                summary = system_prompts.lookup(text)
+                summary = ctx.state.system_prompts.lookup(text)
                 if summary is not None and summary != text:
                     ctx.removed("compress_system_prompt", text, summary)
                     ctx.notes.append("system %d->%d chars" % (len(text), len(summary)))
@@ -1067,6 +1652,8 @@ def compress_system_prompt(messages, ctx):
         result.append(message)
     return result
 
+
+# -- Stage: summarise_over_budget ---------------------------------------------------------------------
 
 CONVERSATION_SUMMARY_PROMPT = (
     "Summarise the conversation above so that the work can continue from your summary alone, "
@@ -1082,20 +1669,103 @@ SUMMARY_OPEN = "<conversation-summary>\nThe earlier part of this conversation, s
 SUMMARY_CLOSE = "\n</conversation-summary>"
 
 
+class SummaryCache:
+    """Conversation summaries by the fingerprint of exactly the messages they replaced (LRU of
+    SUMMARY_CACHE_SIZE), mirrored to an append-only JSONL file like the reasoning cache."""
+
+    def __init__(self, capacity, path=None):
+        self.entries = LRU(capacity)
+        self.file = JsonlFile(path) if path else None
+
+    def load(self):
+        if not self.file:
+            return
+        for record in self.file.load():
+            if isinstance(record, dict) and isinstance(record.get("k"), str) and isinstance(record.get("v"), dict):
+                self.entries.put(record["k"], record["v"])
+        log.info("%s: %d summaries loaded", os.path.basename(self.file.path), len(self.entries))
+
+    def recall(self, key):
+        return self.entries.get(key)
+
+    def remember(self, key, value):
+        self.entries.put(key, value)
+        if self.file:
+            self.file.append({"k": key, "v": value})
+            if self.file.lines > 2 * self.entries.capacity:
+                self.file.rewrite([{"k": k, "v": v} for k, v in self.entries.items()])
+
+
 class SummaryPlan:
     """Where a conversation is cut: messages[:head] stay, messages[head:end] are represented by a
     summary (with the last user message among them, `pulled`, kept verbatim before it), and
-    messages[end:] stay. `key` fingerprints messages[:end] exactly: the summary cache key;
-    `head_key` fingerprints messages[:head]: the conversation."""
+    messages[end:] stay. `key` fingerprints messages[:end] exactly: the summary cache key."""
 
     def __init__(self, head, end, fingerprints, pulled):
         self.head, self.end, self.pulled = head, end, pulled
-        self.key, self.head_key = fingerprints[end], fingerprints[head]
+        self.key = fingerprints[end]
 
     def apply(self, messages, summary):
         pulled = [messages[self.pulled]] if self.pulled is not None else []
         inserted = {"role": "user", "content": SUMMARY_OPEN + summary + SUMMARY_CLOSE}
         return messages[:self.head] + pulled + [inserted] + messages[self.end:]
+
+
+class ConversationSummaries:
+    """Makes conversation summaries, at most one at a time per conversation (ctx.conversation_key,
+    so two sessions opened the same way never wait for each other), in the request's thread or in
+    the background; results go to the summary cache. After a failure the conversation is not
+    summarised again for a growing pause (30 s, doubled)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.flight = SingleFlight("conversation summary", 30.0)
+
+    def summarise(self, plan, prefix, ctx, background=False):
+        """Make the summary for plan (`prefix`: the messages as sent upstream up to plan.end).
+        Returns the summary, or None (failed, backing off, or started in the background). If this
+        conversation already has one under way, wait for that one instead (not in the background)."""
+        status, done = self.flight.begin(ctx.conversation_key)
+        if status == "wait" and not background:
+            done.wait(UPSTREAM_TIMEOUT)
+        if status != "run":
+            return None
+        if background:
+            threading.Thread(target=self._run, args=(plan, prefix, ctx, done), daemon=True,
+                             name="summarise-" + plan.key[:8]).start()
+            return None
+        return self._run(plan, prefix, ctx, done)
+
+    def _run(self, plan, prefix, ctx, done):
+        summary = error = None
+        try:
+            # Shaped for DeepSeek's prefix cache: the conversation exactly as sent before (same
+            # tools, thinking and reasoning), then one instruction; tool_choice none so it answers.
+            messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
+            summary = self.state.summarise(messages, SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
+                                           tools=ctx.tools, thinking=ctx.thinking)
+            self.state.summaries.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
+            log.info("[%s] summarised %d messages into %d chars", ctx.request_id, plan.end - plan.head, len(summary))
+        except Exception as failure:  # never fatal: the caller falls back
+            error = failure
+        finally:
+            pause = self.flight.end(ctx.conversation_key, done, error)
+        if error is not None:
+            log.warning("[%s] conversation summary failed (%s); next try in %.0fs", ctx.request_id,
+                        describe_error(error), pause)
+        return summary
+
+    def wait_for(self, conversation_key):
+        """Wait for this conversation's summary under way, if any; True if there was one."""
+        under_way = self.flight.running(conversation_key)
+        if under_way is None:
+            return False
+        under_way.wait(UPSTREAM_TIMEOUT)
+        return True
+
+    def wait_idle(self, timeout=30.0):
+        """Wait for summaries under way (tests, benchmarks)."""
+        return self.flight.wait_idle(timeout)
 
 
 def conversation_head(messages):
@@ -1145,8 +1815,6 @@ def summarise_over_budget(messages, ctx):
     conversation goes whole, or without its oldest turns if DeepSeek's own window would refuse it.
     This stage never fails a request.
     """
-    if not SUMMARISE:
-        return messages
     budget = SUMMARY_RATIO * MAX_CONTEXT
     watermark = SUMMARY_WATERMARK * MAX_CONTEXT if 0 < SUMMARY_WATERMARK < SUMMARY_RATIO else budget
     total = ctx.prompt_tokens(messages)
@@ -1155,7 +1823,7 @@ def summarise_over_budget(messages, ctx):
     head = conversation_head(messages)
     fingerprints = prefix_fingerprints(messages)
     current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
-    if current_tokens >= budget and conversation_summaries.wait_for(fingerprints[head]):
+    if current_tokens >= budget and ctx.state.conversation_summaries.wait_for(ctx.conversation_key):
         current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
     if current_tokens < watermark or (current_tokens < budget and newest > done_until):
         return current  # under the watermark, or the next summary is ready for when it is needed
@@ -1169,10 +1837,10 @@ def summarise_over_budget(messages, ctx):
     offset = len(current) - len(messages)  # current[k + offset] is messages[k] for k >= done_until
     prefix = current[:end + offset]
     if early:
-        conversation_summaries.summarise(plan, prefix, ctx, background=True)
+        ctx.state.conversation_summaries.summarise(plan, prefix, ctx, background=True)
         ctx.notes.append("summary of %d messages started in the background" % (end - head))
         return current
-    summary = conversation_summaries.summarise(plan, prefix, ctx)
+    summary = ctx.state.conversation_summaries.summarise(plan, prefix, ctx)
     if summary is None:
         return fit_upstream_window(current, ctx)
     result = plan.apply(messages, summary)
@@ -1188,7 +1856,7 @@ def choose_summary(messages, ctx, head, fingerprints, budget):
     Among the cached summaries of this conversation (and none at all), the oldest that brings the
     conversation under the budget: it is the one the previous requests used, so the bytes stay the
     same until the budget forces the next one. If none does, the newest."""
-    candidates = [(head, None)] + [(end, summary_cache.recall(fingerprints[end]))
+    candidates = [(head, None)] + [(end, ctx.state.summaries.recall(fingerprints[end]))
                                    for end in range(head + 1, len(messages))]
     candidates = [(end, entry) for end, entry in candidates if end == head or entry]
     total = ctx.prompt_tokens(messages)
@@ -1233,232 +1901,184 @@ def fit_upstream_window(messages, ctx):
     return messages[:head] + [message for index, turn in enumerate(turns) if index not in dropped
                               for message in turn]
 
+
+def observe_prompt_tokens(ctx, answer, usage):
+    """Answer hook: calibrate the token estimate on DeepSeek's own count of this prompt."""
+    prompt_tokens = (usage or {}).get("prompt_tokens")
+    if prompt_tokens and ctx.tokens_out:
+        ctx.estimate_error = (ctx.tokens_out - prompt_tokens) / prompt_tokens
+        ctx.state.calibration.observe(ctx.tokens_out, prompt_tokens)
+
+
+# -- The pipeline: the order of work --------------------------------------------------------------------
+
 PIPELINE = [
-    normalise_messages,
-    restore_reasoning,
-    dedup_boilerplate,
-    dedup_tool_outputs,
-    dedup_markdown_blocks,
-    compress_system_prompt,
-    summarise_over_budget,
+    Stage("normalise_messages", normalise_messages, required=True),
+    Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True),
+    Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda: DEDUP_BOILERPLATE),
+    Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda: DEDUP_TOOL_OUTPUTS),
+    Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda: MARKDOWN_DEDUP != "off"),
+    Stage("compress_system_prompt", compress_system_prompt, enabled=lambda: COMPRESS_SYSTEM),
+    Stage("summarise_over_budget", summarise_over_budget, enabled=lambda: SUMMARISE, answer=observe_prompt_tokens),
 ]
 
 
+# =====================================================================================================
+# The request core. No HTTP here: a front turns its request into a chat body, then
+#   prepare(body, state)  -> Prepared: validated, rewritten by PIPELINE, the upstream body built;
+#   answer_ended(prepared, collector): the stages' answer hooks, once, as soon as the answer is whole;
+#   settle(prepared, collector, failure) -> Outcome: how the request ended, decided in one place.
+# The HTTP layer forwards and relays between them; the benchmarks call the same functions.
+# =====================================================================================================
+
+class ClientError(Exception):
+    """A request the proxy refuses: a status, a message saying what to change, and a code. Each
+    front answers it in its API's own error shape."""
+
+    def __init__(self, status, message, code="invalid_request_error", close=False, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.close = status, message, code, close
+        self.headers = headers or {}
+
+
+def validate_chat_request(body):
+    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
+    if not isinstance(body, dict):
+        raise ClientError(400, "The request body must be a JSON object.")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
+    for index, message in enumerate(messages):
+        where = "messages[%d]" % index
+        if not isinstance(message, dict):
+            raise ClientError(400, where + " must be an object.")
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
+        if role not in MESSAGE_KEYS:
+            raise ClientError(400, "%s.role must be one of system, developer, user, assistant, tool; got %r."
+                              % (where, message.get("role")))
+        content = message.get("content")
+        if content is None:
+            if not (role == "assistant"):
+                raise ClientError(400, where + ".content is required for role " + role + ".")
+        elif isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ClientError(400, "%s.content[%d] must be an object with a 'type'." % (where, part_index))
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    raise ClientError(400, "%s.content[%d].text must be a string." % (where, part_index))
+        elif not isinstance(content, str):
+            raise ClientError(400, where + ".content must be a string, an array of parts or null.")
+        if role == "assistant" and message.get("tool_calls") is not None:
+            calls = message["tool_calls"]
+            if not isinstance(calls, list) or not all(
+                    isinstance(call, dict) and isinstance(call.get("function"), dict)
+                    and isinstance(call["function"].get("name"), str) for call in calls):
+                raise ClientError(400, where + ".tool_calls must be an array of {id, type, function: {name, arguments}}.")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise ClientError(400, where + ".tool_call_id must be a string.")
+        if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
+            raise ClientError(400, where + ".reasoning_content must be a string.")
+    if body.get("tools") is not None and not isinstance(body["tools"], list):
+        raise ClientError(400, "'tools' must be an array.")
+    if not isinstance(body.get("stream", False), (bool, type(None))):
+        raise ClientError(400, "'stream' must be a boolean.")
+
+
+class Prepared:
+    """A request ready to forward: the client's chat body, its context, and DeepSeek's body."""
+
+    def __init__(self, body, ctx, upstream_body):
+        self.body, self.ctx, self.upstream_body = body, ctx, upstream_body
+        self.started = time.monotonic()
+        self.hooks_ran = False
+
+
+class Outcome:
+    """How a request ended. `status` is the client's status (499: the client went away)."""
+
+    def __init__(self, status, usage=None, upstream_called=False, error=None):
+        self.status, self.usage, self.upstream_called, self.error = status, usage, upstream_called, error
+
+    @property
+    def failed(self):
+        return self.status != 200
+
+
 def run_pipeline(messages, ctx):
-    """Apply PIPELINE in order. A stage that raises is logged and skipped: its input goes on."""
+    """Apply the enabled stages of PIPELINE in order. A required stage that raises fails the
+    request; an optional one is logged (with its traceback: it is our bug) and skipped."""
     for stage in PIPELINE:
+        if not stage.enabled():
+            continue
+        if stage.required:
+            messages = stage.request(messages, ctx)
+            continue
         try:
-            messages = stage(messages, ctx)
-        except Exception as error:  # a compression bug must never fail a request
-            log.warning("[%s] stage %s failed, skipped: %r", ctx.request_id, stage.__name__, error,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
-            ctx.notes.append(stage.__name__ + " failed")
+            messages = stage.request(messages, ctx)
+        except Exception:  # a compression bug must never fail a request
+            log.warning("[%s] stage %s failed, skipped", ctx.request_id, stage.name, exc_info=True)
+            ctx.notes.append(stage.name + " failed")
     return messages
 
 
-# =====================================================================================================
-# Upstream client: the forced request body, urllib calls with timeouts and bounded retries.
-# =====================================================================================================
-
-FORWARDED_FIELDS = ("tools", "tool_choice", "response_format", "stop")  # client fields DeepSeek gets
-RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
-
-
-class UpstreamError(Exception):
-    """DeepSeek could not be used: status and JSON body to answer the client with."""
-
-    def __init__(self, status, body):
-        super().__init__(status)
-        self.status = status
-        self.body = body  # dict in the error envelope
+def prepare(body, state):
+    """Validate a chat body and rewrite it for DeepSeek. Raises ClientError for bad input."""
+    validate_chat_request(body)
+    ctx = RequestContext(body, state)
+    ctx.tokens_in = ctx.prompt_tokens(body["messages"])
+    messages = run_pipeline(body["messages"], ctx)
+    ctx.tokens_out = ctx.prompt_tokens(messages)
+    return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking))
 
 
-def build_upstream_body(body, messages, ctx):
-    """The request DeepSeek receives: our model, max_tokens and thinking, the client's messages as
-    the pipeline left them, and only the functional fields. Sampling knobs, n, logprobs, seed, store,
-    metadata, user, parallel_tool_calls and the client's own model settings are dropped."""
-    upstream = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": MAX_OUTPUT_TOKENS,
-                "thinking": {"type": "enabled" if ctx.thinking else "disabled"}}
-    if REASONING_EFFORT and ctx.thinking:
-        upstream["reasoning_effort"] = REASONING_EFFORT
-    for field in FORWARDED_FIELDS:
-        if body.get(field) is not None:
-            upstream[field] = body[field]
-    if body.get("stream"):
-        # Always ask for usage: the proxy measures every call. The client gets DeepSeek's chunks
-        # unchanged either way ("usage": null on earlier chunks is valid OpenAI shape).
-        upstream["stream"] = True
-        upstream["stream_options"] = {"include_usage": True}
-    return upstream
-
-
-def _opener_for(url):
-    """Environment proxies apply to DeepSeek, never to a loopback upstream (tests, local relays)."""
-    host = urllib.request.urlparse(url).hostname or ""
-    if host in ("localhost", "::1") or host.startswith("127."):
-        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    return urllib.request.build_opener()
-
-
-def open_upstream(payload, api_key, retries=None, base_sleep=None, timeout=None):
-    """POST payload to DeepSeek's chat endpoint; returns the open response (status 200).
-
-    429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
-    doubled each time; other HTTP errors are raised at once as UpstreamError with DeepSeek's body."""
-    retries = UPSTREAM_MAX_RETRIES if retries is None else retries
-    base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
-    url = DEEPSEEK_BASE.rstrip("/") + "/chat/completions"
-    data = json.dumps(payload).encode("ascii")  # \u escapes: the C encoder's fast path
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer " + api_key,
-               "Accept": "text/event-stream" if payload.get("stream") else "application/json",
-               "User-Agent": "deepseek-proxy/" + __version__}
-    opener = _opener_for(url)
-    for attempt in range(retries + 1):
-        retry_note = " after %d attempts" % (attempt + 1) if attempt else ""
-        try:
-            request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-            return opener.open(request, timeout=timeout or UPSTREAM_TIMEOUT)
-        except urllib.error.HTTPError as error:
-            status, raw = error.code, _read_quietly(error)
-            failure = UpstreamError(status, upstream_error_body(status, raw))
-            if status not in RETRYABLE_STATUSES:
-                raise failure
-        except (TimeoutError, socket.timeout) as error:
-            failure = UpstreamError(504, error_body("DeepSeek did not answer in time%s: %s" % (
-                retry_note, error), "upstream_timeout"))
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            reason = getattr(error, "reason", error)
-            failure = UpstreamError(502, error_body("Cannot reach DeepSeek at %s%s: %s" % (
-                DEEPSEEK_BASE, retry_note, reason), "upstream_unreachable"))
-        if attempt < retries:
-            delay = base_sleep * (2 ** attempt)
-            log.info("upstream attempt %d failed (%s), retrying in %.1fs", attempt + 1, failure.status, delay)
-            time.sleep(delay)
-    raise failure
-
-
-def _read_quietly(response):
-    try:
-        return response.read()
-    except (OSError, ValueError):
-        return b""
-
-
-def upstream_error_body(status, raw):
-    """DeepSeek's error JSON as it came, or an envelope around whatever else it sent."""
-    try:
-        parsed = json.loads(raw.decode("utf-8"))
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return parsed
-    except (ValueError, UnicodeDecodeError):
-        pass
-    text = raw.decode("utf-8", "replace").strip()[:500] or http.HTTPStatus(status).phrase
-    return error_body("DeepSeek answered %d: %s" % (status, text), "upstream_error")
-
-
-def call_deepseek_json(payload, api_key, retries, base_sleep, timeout=None):
-    """One non-streaming call for the proxy's own use (summaries): returns the parsed answer."""
-    response = open_upstream(payload, api_key, retries=retries, base_sleep=base_sleep, timeout=timeout)
-    with response:
-        return json.loads(response.read().decode("utf-8"))
-
-
-def request_summary(messages, max_tokens, tools=None, thinking=False):
-    """The proxy's own summarisation call: SUMMARY_MODEL, not streamed, SUMMARISE_MAX_RETRIES
-    attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
-    sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
-    Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
-    payload = {"model": SUMMARY_MODEL or DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
-               "thinking": {"type": "enabled" if thinking else "disabled"}, "stream": False}
-    if tools:
-        payload["tools"], payload["tool_choice"] = tools, "none"
-    return summary_text(call_deepseek_json(payload, deepseek_api_key, SUMMARISE_MAX_RETRIES - 1,
-                                           SUMMARISE_RETRY_BASE_SLEEP))
-
-
-def summary_text(answer):
-    stats.record_summary(answer.get("usage"))
-    choice = (answer.get("choices") or [{}])[0]
-    text = ((choice.get("message") or {}).get("content") or "").strip()
-    if not text or choice.get("finish_reason") not in (None, "stop"):
-        raise ValueError("no usable summary (finish_reason %s)" % choice.get("finish_reason"))
-    return text
-
-
-# =====================================================================================================
-# Response side: reading DeepSeek's answer (streamed or not), remembering reasoning, accounting.
-# =====================================================================================================
-
-class AnswerCollector:
-    """Rebuilds the assistant message and the usage from streamed chunks or a whole response."""
-
-    def __init__(self):
-        self.reasoning, self.content, self.tool_calls = [], [], {}
-        self.saw_reasoning = False
-        self.finish_reason = None
-        self.usage = None
-        self.done = False
-
-    def feed_event(self, block):
-        for line in block.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                self.done = True
-                continue
-            try:
-                self.feed_chunk(json.loads(data))
-            except (ValueError, TypeError, AttributeError, KeyError):
-                continue  # an odd chunk is still relayed as it came; it just is not understood
-
-    def feed_chunk(self, chunk):
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content") is not None:
-                self.saw_reasoning = True
-                self.reasoning.append(delta["reasoning_content"])
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            for call in delta.get("tool_calls") or ():
-                slot = self.tool_calls.setdefault(call.get("index", 0), {
-                    "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
-                slot["id"] = call.get("id") or slot["id"]
-                function = call.get("function") or {}
-                slot["function"]["name"] = function.get("name") or slot["function"]["name"]
-                slot["function"]["arguments"] += function.get("arguments") or ""
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-
-    def feed_response(self, response):
-        self.usage = response.get("usage")
-        choice = (response.get("choices") or [{}])[0]
-        message = choice.get("message") or {}
-        self.finish_reason = choice.get("finish_reason")
-        if message.get("reasoning_content") is not None:
-            self.saw_reasoning = True
-            self.reasoning.append(message["reasoning_content"])
-        self.content.append(message.get("content") or "")
-        for index, call in enumerate(message.get("tool_calls") or ()):
-            self.tool_calls[index] = call
-
-    def message(self):
-        message = {"role": "assistant", "content": "".join(self.content) or None}
-        if self.saw_reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[index] for index in sorted(self.tool_calls)]
-        return message
-
-
-def remember_answer(ctx, answer):
-    """Store the answer's reasoning under the key the client's echo of this turn will have."""
-    if answer.get("reasoning_content") is None or not ctx.normalised:
+def answer_ended(prepared, collector):
+    """Run the answer hooks of the enabled stages once, when DeepSeek's answer is complete: before
+    its last byte goes to the client, whose next request may come at once."""
+    if prepared.hooks_ran or not collector.complete:
         return
-    reasoning_cache.remember(reasoning_key(answer, ctx.normalised[-1]), answer["reasoning_content"])
+    prepared.hooks_ran = True
+    answer = collector.message()
+    for stage in PIPELINE:
+        if stage.answer and stage.enabled():
+            try:
+                stage.answer(prepared.ctx, answer, collector.usage)
+            except Exception:
+                log.warning("[%s] answer hook of %s failed", prepared.ctx.request_id, stage.name, exc_info=True)
 
+
+def settle(prepared, collector=None, failure=None, client_gone=False):
+    """The Outcome of a forwarded request: DeepSeek's failure status, 499 when the client left,
+    502 when the answer broke off, else 200 (and the answer hooks have run)."""
+    usage = collector.usage if collector else None
+    if failure is not None:
+        called = failure.status not in (502, 504) or bool(collector)
+        return Outcome(failure.status, usage, called, failure.message())
+    if client_gone:
+        return Outcome(499, usage, True, "client went away")
+    if collector is None or not collector.complete:
+        return Outcome(502, usage, True, "DeepSeek's answer broke off")
+    answer_ended(prepared, collector)
+    return Outcome(200, usage, True)
+
+
+# =====================================================================================================
+# Fronts. The OpenAI chat-completions API is the core's own form: its front is the identity, and
+# DeepSeek's answers (whole, or SSE events) go back to the client byte for byte. Errors use the
+# envelope of error_body().
+# =====================================================================================================
+
+def chat_error(status, message, code):
+    error_type = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                  429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(
+        status, "invalid_request_error")
+    return error_body(message, error_type, code)
+
+
+# =====================================================================================================
+# Accounting and the dashboard: /stats from DeepSeek's own usage figures, the request log line, the
+# message dumps, and the self-contained dashboard page.
+# =====================================================================================================
 
 class Stats:
     """Running totals from DeepSeek's own usage figures, per model, and a per-minute series.
@@ -1501,10 +2121,10 @@ class Stats:
                     "reasoning_tokens") or 0,
                 prefix + "cost_usd": usage_cost(usage)}
 
-    def record_request(self, ctx, usage, failed, upstream_called):
+    def record_request(self, ctx, outcome):
         saved = sum(ctx.saved.values())
-        values = collections.Counter({"requests": 1, "failed_requests": int(failed),
-                                      "upstream_requests": int(upstream_called),
+        values = collections.Counter({"requests": 1, "failed_requests": int(outcome.failed),
+                                      "upstream_requests": int(outcome.upstream_called),
                                       "client_prompt_tokens_estimate": ctx.tokens_in,
                                       "sent_prompt_tokens_estimate": ctx.tokens_out,
                                       "tokens_saved_estimate": saved,
@@ -1514,8 +2134,8 @@ class Stats:
                                       "reasoning_filled_empty": ctx.reasoning_filled})
         for stage, tokens in ctx.saved.items():
             values["saved_by_" + stage] += tokens
-        if upstream_called and not failed:
-            values.update(self.usage_values(usage))
+        if outcome.upstream_called and not outcome.failed:
+            values.update(self.usage_values(outcome.usage))
         self._add(DEFAULT_MODEL, values)
 
     def record_summary(self, usage):
@@ -1523,7 +2143,7 @@ class Stats:
         values.update(self.usage_values(usage, prefix="summary_"))
         self._add(SUMMARY_MODEL or DEFAULT_MODEL, values)
 
-    def snapshot(self):
+    def snapshot(self, state):
         with self._lock:
             totals = dict(self.totals)
             per_model = {model: dict(values) for model, values in self.per_model.items()}
@@ -1536,8 +2156,9 @@ class Stats:
                 "per_model": per_model, "per_minute": series,
                 "prices_usd_per_million": {"input_cache_hit": PRICE_INPUT_CACHE_HIT,
                                            "input_cache_miss": PRICE_INPUT_CACHE_MISS, "output": PRICE_OUTPUT},
-                "reasoning_cache_entries": len(reasoning_cache.entries),
-                "summary_cache_entries": len(summary_cache.entries)}
+                "reasoning_cache_entries": len(state.reasoning),
+                "reasoning_cache_conversations": len(state.reasoning.conversations),
+                "summary_cache_entries": len(state.summaries.entries)}
 
     def save(self, path):
         with self._lock:
@@ -1563,8 +2184,6 @@ class Stats:
         except (ValueError, KeyError, TypeError) as error:
             log.warning("ignoring unreadable %s: %s", path, error)
 
-
-stats = Stats()
 
 
 DASHBOARD_HTML = """<!doctype html>
@@ -1617,97 +2236,145 @@ refresh();setInterval(refresh,5000);
 """
 
 
-_dump_sequence = itertools.count()  # orders dumps made within the same second
+DUMP_FILE_NAME = re.compile(r"^\d{8}-\d{6}-\d{6}-[0-9a-f]{12}\.json$")
 
 
-def dump_messages(ctx, client_body, upstream_body):
-    """SAVE_PREPOST_MSGS: what the client sent -> pre_msg/, what went upstream -> post_msg/.
-    Only bodies are written, never headers, so no key reaches the disk."""
-    if not SAVE_PREPOST_MSGS:
-        return
-    name = "%s-%06d-%s.json" % (time.strftime("%Y%m%d-%H%M%S"), next(_dump_sequence), ctx.request_id)
-    for folder, body in (("pre_msg", client_body), ("post_msg", upstream_body)):
+class MessageDumps:
+    """SAVE_PREPOST_MSGS: what the client sent -> pre_msg/, what went upstream -> post_msg/, written
+    by a background thread after the answer. Only bodies, never headers, so no key reaches the disk;
+    only the proxy's own dump files are ever pruned."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        self.sequence = itertools.count()  # orders dumps made within the same second
+        self.pending = queue.Queue(maxsize=64)
+        self.writer = None
+        self._lock = threading.Lock()
+
+    def save(self, prepared):
+        if not SAVE_PREPOST_MSGS:
+            return
+        name = "%s-%06d-%s.json" % (time.strftime("%Y%m%d-%H%M%S"), next(self.sequence) % 1000000,
+                                    prepared.ctx.request_id)
+        with self._lock:
+            if self.writer is None:
+                self.writer = threading.Thread(target=self._write_loop, daemon=True, name="dumps")
+                self.writer.start()
         try:
-            atomic_write(data_path(folder, name), json.dumps(body, ensure_ascii=False, indent=1))
-            files = sorted(entry for entry in os.listdir(data_path(folder)) if entry.endswith(".json"))
-            for old in files[:max(0, len(files) - MAX_DUMP_FILES)]:
-                os.unlink(data_path(folder, old))
-        except OSError as error:
-            warn_once("writing message dumps to " + data_path(folder), error)
+            self.pending.put_nowait((name, prepared.body, prepared.upstream_body))
+        except queue.Full:
+            warn_once("message dumps", "the disk is slower than the requests; some dumps skipped")
+
+    def _write_loop(self):
+        while True:
+            name, client_body, upstream_body = self.pending.get()
+            for folder, body in (("pre_msg", client_body), ("post_msg", upstream_body)):
+                path = os.path.join(self.data_dir, folder)
+                try:
+                    atomic_write(os.path.join(path, name), json.dumps(body, ensure_ascii=False, indent=1))
+                    prune_files(path, DUMP_FILE_NAME, MAX_DUMP_FILES)
+                except (OSError, UnicodeEncodeError) as error:
+                    warn_once("writing message dumps to " + path, error)
+            self.pending.task_done()
+
+    def flush(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while self.pending.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def record(state, prepared, outcome, route):
+    """After a request: stats, the dumps, and one log line."""
+    ctx = prepared.ctx
+    state.stats.record_request(ctx, outcome)
+    state.dumps.save(prepared)
+    usage = outcome.usage or {}
+    saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
+    log.info("[%s] POST %s stream=%s msgs=%d est_in=%d est_out=%d status=%s prompt=%s hit=%s "
+             "completion=%s cost=$%.6f est_err=%s reasoning restored=%d filled=%d saved=[%s]%s%s %.0fms",
+             ctx.request_id, route, bool(prepared.body.get("stream")), len(prepared.body.get("messages") or ()),
+             ctx.tokens_in, ctx.tokens_out, outcome.status, usage.get("prompt_tokens", "-"),
+             usage.get("prompt_cache_hit_tokens", "-"), usage.get("completion_tokens", "-"),
+             usage_cost(usage), "-" if ctx.estimate_error is None else "%+.1f%%" % (100 * ctx.estimate_error),
+             ctx.reasoning_restored, ctx.reasoning_filled, saved,
+             (" notes=" + "; ".join(ctx.notes)) if ctx.notes else "",
+             (" error=" + outcome.error) if outcome.error else "", (time.monotonic() - prepared.started) * 1000)
 
 
 # =====================================================================================================
-# HTTP handler: routes, request validation, and relaying answers to the client.
+# HTTP: routes and request checks only. A request a browser page could forge is refused before its
+# body is read: a Host the proxy does not answer to (DNS rebinding), an Origin other than the proxy's
+# own (or an --allow-origin), a cross-site Sec-Fetch-Site, and an API body that is not JSON (a CORS
+# "simple request" needs no preflight). Every connection has a total deadline for its request, the
+# number of connections and the bytes of bodies held at once are capped.
 # =====================================================================================================
 
-class ClientError(Exception):
-    """A request the proxy refuses: answered with status and an OpenAI-style error body."""
-
-    def __init__(self, status, message, code="invalid_request_error", close=False):
-        super().__init__(message)
-        self.status, self.message, self.code, self.close = status, message, code, close
-
-
-def validate_chat_request(body):
-    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
-    if not isinstance(body, dict):
-        raise ClientError(400, "The request body must be a JSON object.")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
-    for index, message in enumerate(messages):
-        where = "messages[%d]" % index
-        if not isinstance(message, dict):
-            raise ClientError(400, where + " must be an object.")
-        role = message.get("role")
-        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
-        if role not in MESSAGE_KEYS:
-            raise ClientError(400, "%s.role must be one of system, developer, user, assistant, tool; got %r."
-                              % (where, message.get("role")))
-        content = message.get("content")
-        if content is None:
-            if not (role == "assistant"):
-                raise ClientError(400, where + ".content is required for role " + role + ".")
-        elif isinstance(content, list):
-            for part_index, part in enumerate(content):
-                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                    raise ClientError(400, "%s.content[%d] must be an object with a 'type'." % (where, part_index))
-                if part["type"] == "text" and not isinstance(part.get("text"), str):
-                    raise ClientError(400, "%s.content[%d].text must be a string." % (where, part_index))
-        elif not isinstance(content, str):
-            raise ClientError(400, where + ".content must be a string, an array of parts or null.")
-        if role == "assistant" and message.get("tool_calls") is not None:
-            calls = message["tool_calls"]
-            if not isinstance(calls, list) or not all(
-                    isinstance(call, dict) and isinstance(call.get("function"), dict)
-                    and isinstance(call["function"].get("name"), str) for call in calls):
-                raise ClientError(400, where + ".tool_calls must be an array of {id, type, function: {name, arguments}}.")
-        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-            raise ClientError(400, where + ".tool_call_id must be a string.")
-        if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
-            raise ClientError(400, where + ".reasoning_content must be a string.")
-    if body.get("tools") is not None and not isinstance(body["tools"], list):
-        raise ClientError(400, "'tools' must be an array.")
-    if not isinstance(body.get("stream", False), (bool, type(None))):
-        raise ClientError(400, "'stream' must be a boolean.")
+def split_host(value):
+    """('name', port or None) of a Host header value; ('', None) when it cannot be read."""
+    value = (value or "").strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        name, _, port = value.partition(":")
+    else:
+        name, port = value, ""
+    if port and not port.isdigit():
+        return "", None
+    return name, int(port) if port else None
 
 
-# A \uD800-\uDFFF escape that is not half of a pair: valid JSON, but not text DeepSeek can take
-# (a truncated emoji). Escaped pairs, as ASCII-only JSON encoders write every emoji, are fine.
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
-                             rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+def host_allowed(value, port):
+    """The Host header names this proxy: a loopback name or address, HOST, or an --allowed-host,
+    and, if it has a port, the port the proxy listens on."""
+    name, given_port = split_host(value)
+    if not name or (given_port is not None and given_port != port):
+        return False
+    allowed = {HOST.lower().strip("[]")} | {host.lower() for host in ALLOWED_HOSTS}
+    return is_loopback(name) or name in allowed or "*" in allowed
 
 
-def replace_lone_surrogates(body):
-    """The body with each unpaired surrogate replaced by U+FFFD."""
-    text = json.dumps(body, ensure_ascii=False).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-    return json.loads(text)
+class Deadlines:
+    """One thread that cuts off connections whose request is not in by its deadline: a client that
+    sends one byte every few seconds cannot hold a thread longer than CLIENT_TIMEOUT."""
 
+    def __init__(self):
+        self.heap = []  # (deadline, sequence, socket, armed flag holder)
+        self.sequence = itertools.count()
+        self.condition = threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="deadlines").start()
 
-def bearer_token(header):
-    if header and header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return ""
+    def arm(self, sock, seconds):
+        """A token for disarm(); token["expired"] tells the reader that the deadline cut it off."""
+        token = {"armed": True, "expired": False}
+        with self.condition:
+            heapq.heappush(self.heap, (time.monotonic() + seconds, next(self.sequence), sock, token))
+            self.condition.notify()
+        return token
+
+    @staticmethod
+    def disarm(token):
+        if token:
+            token["armed"] = False
+
+    def _run(self):
+        while True:
+            with self.condition:
+                while not self.heap:
+                    self.condition.wait()
+                deadline, _seq, sock, token = self.heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self.condition.wait(min(wait, 1.0))
+                    continue
+                heapq.heappop(self.heap)
+            if token["armed"]:
+                token["expired"] = True
+                log.info("a client did not send its request within %.0fs; cut off", CLIENT_TIMEOUT)
+                try:
+                    sock.shutdown(socket.SHUT_RD)  # the blocked read ends; a 408 can still be sent
+                except OSError:
+                    pass
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -1718,26 +2385,59 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.connection.settimeout(CLIENT_TIMEOUT)
         # Small writes (headers, then body; each SSE event) must leave at once, not wait for the
         # client's delayed ACK (Nagle): that alone costs ~40 ms per response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.state = self.server.state
+        self.deadline = None
+        self.reserved = 0
+        self.cors_origin = None
+        self.head_only = False
 
-    def log_message(self, format, *args):  # the request log line is written by handle_chat
+    def handle_one_request(self):
+        """Wait up to IDLE_TIMEOUT for a request to begin, then give its headers and body
+        CLIENT_TIMEOUT in total."""
+        self.connection.settimeout(IDLE_TIMEOUT)
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+        except (OSError, ValueError):
+            self.close_connection = True
+            return
+        self.connection.settimeout(CLIENT_TIMEOUT)
+        self.deadline = self.server.deadlines.arm(self.connection, CLIENT_TIMEOUT)
+        self.cors_origin, self.head_only = None, False
+        try:
+            super().handle_one_request()
+        finally:
+            self.body_read()
+            self.server.release_body(self.reserved)
+            self.reserved = 0
+
+    def body_read(self):
+        """The request is in: the deadline no longer applies (answers may take minutes)."""
+        Deadlines.disarm(self.deadline)
+        self.deadline = None
+        self.connection.settimeout(CLIENT_TIMEOUT)
+
+    def log_message(self, format, *args):  # each chat request gets its own line from record()
         log.debug("%s %s", self.address_string(), format % args)
 
     # -- routes
 
     def do_GET(self):
+        if not self.checked():
+            return
         path = self.route()
         if path in MODEL_PATHS:
             self.send_json(200, {"object": "list", "data": [
                 {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "deepseek"}]})
         elif path == "/health":
             self.send_json(200, {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE,
-                                 "model": DEFAULT_MODEL, "api_key_configured": bool(deepseek_api_key)})
+                                 "model": DEFAULT_MODEL, "api_key_configured": bool(self.state.api_key)})
         elif path in ("/stats", "/v1/stats"):
-            self.send_json(200, stats.snapshot())
+            self.send_json(200, self.state.stats.snapshot(self.state))
         elif path in ("/", "/dashboard"):
             self.send_body(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8",
                            {"Cache-Control": "no-store"})
@@ -1746,7 +2446,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_error_json(404, "No route for GET %s." % path, "not_found")
 
+    def do_HEAD(self):
+        self.head_only = True
+        self.do_GET()
+
     def do_POST(self):
+        if not self.checked():
+            return
         path = self.route()
         if path in CHAT_PATHS:
             self.with_client_errors(self.handle_chat)
@@ -1757,11 +2463,26 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.discard_body()
             self.send_error_json(404, "No route for POST %s." % path, "not_found")
 
+    def do_OPTIONS(self):
+        """CORS preflight: answered only for an origin given with --allow-origin."""
+        if not self.checked():
+            return
+        self.discard_body()
+        if not self.cors_origin:
+            return self.send_error_json(405, "Method OPTIONS is not supported.", "method_not_allowed")
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         self.headers.get("Access-Control-Request-Headers") or "authorization, content-type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_other(self):
         self.discard_body()
         self.send_error_json(405, "Method %s is not supported." % self.command, "method_not_allowed")
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_other
+    do_PUT = do_DELETE = do_PATCH = do_other
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own refusals (a malformed request line, headers too long, an unknown
@@ -1775,124 +2496,40 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route(self):
         return self.path.split("?", 1)[0].rstrip("/") or "/"
 
-    # -- chat completions
+    # -- checks every request passes before anything else happens
 
-    def handle_chat(self):
-        started = time.monotonic()
-        self.check_proxy_key()
-        body = self.read_json_body()
-        validate_chat_request(body)
-        if not deepseek_api_key:
-            raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
-                              "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
-        ctx = RequestContext(body)
-        ctx.tokens_in = ctx.prompt_tokens(body["messages"])
-        messages = run_pipeline(body["messages"], ctx)
-        ctx.tokens_out = ctx.prompt_tokens(messages)
-        upstream_body = build_upstream_body(body, messages, ctx)
-        dump_messages(ctx, body, upstream_body)
-        outcome = {"status": None, "usage": None, "called": False}
-        try:
-            response = open_upstream(upstream_body, deepseek_api_key)
-            outcome["called"] = True
-            if upstream_body.get("stream"):
-                self.relay_stream(response, ctx, outcome)
-            else:
-                self.relay_json(response, ctx, outcome)
-        except UpstreamError as error:
-            outcome["status"] = error.status
-            outcome["called"] = outcome["called"] or error.status not in (502, 504)
-            self.send_json(error.status, error.body, self.proxy_headers(ctx))
-        finally:
-            failed = outcome["status"] != 200
-            stats.record_request(ctx, outcome["usage"], failed, outcome["called"])
-            self.log_chat(ctx, body, outcome, time.monotonic() - started)
-
-    def relay_json(self, response, ctx, outcome):
-        try:
-            with response:
-                raw = response.read()
-            answer = json.loads(raw.decode("utf-8"))
-        except (OSError, ValueError) as error:
-            raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
-                                                "upstream_error"))
-        collector = AnswerCollector()
-        try:
-            collector.feed_response(answer)
-        except (TypeError, AttributeError, KeyError):
-            pass  # an odd answer is still relayed as it came; it just is not understood
-        self.finish_answer(ctx, collector, outcome)
-        headers = self.proxy_headers(ctx, collector.usage)
-        self.send_body(200, raw.strip(), "application/json", headers)
-
-    def relay_stream(self, response, ctx, outcome):
-        """Relay each SSE event the moment its blank line arrives; parse it on the way."""
-        collector = AnswerCollector()
-        self.send_response(200)
-        for name, value in self.proxy_headers(ctx).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        outcome["status"] = 200
-        block = []
-        try:
-            with response:
-                while True:
-                    try:
-                        line = response.readline()
-                    except (OSError, ValueError) as error:
-                        self.end_stream_with_error(collector, "DeepSeek's stream broke off: %s" % error)
-                        break
-                    if not line:
-                        if block:  # the last event lacked its blank line
-                            event = b"".join(block) + b"\n"
-                            self.write_chunk(event)
-                            collector.feed_event(event)
-                        if not collector.done:
-                            self.end_stream_with_error(collector, "DeepSeek closed the stream before its end.")
-                        break
-                    if line.strip():
-                        block.append(line)
-                        continue
-                    if block:
-                        event = b"".join(block) + line
-                        block = []
-                        self.write_chunk(event)
-                        collector.feed_event(event)
-            self.write_chunk(b"")
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
-            log.info("[%s] client went away mid-stream (%s); upstream closed", ctx.request_id,
-                     type(error).__name__)
-            outcome["status"] = 499
-            self.close_connection = True
-        self.finish_answer(ctx, collector, outcome)
-
-    def end_stream_with_error(self, collector, message):
-        """After a 200 has gone out the only way to report a failure is an SSE error event, which
-        the OpenAI SDKs raise as APIError. A stream that had already finished just gets its [DONE]."""
-        if collector.finish_reason:
-            self.write_chunk(b"data: [DONE]\n\n")
-            return
-        log.warning("%s", message)
-        event = json.dumps(error_body(message, "upstream_error", "upstream_stream_error"))
-        self.write_chunk(b"data: " + event.encode("utf-8") + b"\n\n")
+    def checked(self):
+        """Refuse (403 or 415, body unread, connection closed) what a web page could have sent."""
+        refusal = self.foreign_request()
+        if refusal is None:
+            return True
+        status, problem = refusal
+        log.warning("refused %s %s from %s: %s", self.command, self.route(), self.client_address[0], problem)
         self.close_connection = True
+        if status == 415:
+            self.send_error_json(415, "Refused: %s. Send the request body as JSON." % problem, "unsupported_media_type")
+        else:
+            self.send_error_json(403, "Refused: %s. Browser pages may not use this proxy; see the README's "
+                                      "security section (--allowed-host, --allow-origin)." % problem, "forbidden")
+        return False
 
-    def finish_answer(self, ctx, collector, outcome):
-        """After the answer went out: usage, calibration, and the reasoning to restore later."""
-        outcome["usage"] = collector.usage
-        prompt_tokens = (collector.usage or {}).get("prompt_tokens")
-        if prompt_tokens and ctx.tokens_out:
-            ctx.estimate_error = (ctx.tokens_out - prompt_tokens) / prompt_tokens
-            token_calibration.observe(ctx.tokens_out, prompt_tokens)
-        if outcome["status"] in (None, 200):
-            outcome["status"] = 200
-        remember_answer(ctx, collector.message())
-
-    # -- plumbing
+    def foreign_request(self):
+        host = self.headers.get("Host")
+        if host is not None and not host_allowed(host, self.server.server_address[1]):
+            return 403, "Host %r is not a name of this proxy" % host[:100]
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            allowed = [item.lower().rstrip("/") for item in ALLOW_ORIGINS]
+            if origin.lower() in allowed or "*" in allowed:
+                self.cors_origin = origin
+            elif host is None or origin.lower() != "http://" + host.lower():
+                return 403, "Origin %r is not allowed" % origin[:100]
+        if self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site") and not self.cors_origin:
+            return 403, "a cross-site browser request"
+        if self.command == "POST" and self.route() in API_POST_PATHS \
+                and self.headers.get_content_type() != "application/json":
+            return 415, "Content-Type %r is not application/json" % (self.headers.get("Content-Type") or "")
+        return None
 
     def check_proxy_key(self):
         if PROXY_KEY and not hmac_equal(bearer_token(self.headers.get("Authorization")), PROXY_KEY):
@@ -1900,15 +2537,127 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientError(401, "Invalid proxy key: send the key set with --proxy-key as the bearer token.",
                               "invalid_api_key")
 
+    # -- chat completions: parse -> prepare -> forward -> relay -> settle -> record
+
+    def handle_chat(self):
+        self.check_proxy_key()
+        body = self.read_json_body()
+        if not self.state.api_key:
+            raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
+                              "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
+        prepared = prepare(body, self.state)
+        collector = failure = None
+        client_gone = False
+        try:
+            response = open_upstream(self.state, prepared.upstream_body)
+            collector = AnswerCollector()
+            if prepared.upstream_body.get("stream"):
+                client_gone = self.relay_stream(response, prepared, collector)
+            else:
+                self.relay_json(response, prepared, collector)
+        except UpstreamError as error:
+            failure = error
+            headers = dict(self.proxy_headers(prepared.ctx))
+            if error.retry_after is not None:
+                headers["Retry-After"] = str(int(error.retry_after + 0.999))
+            self.send_json(error.status, error.body, headers)
+        finally:
+            outcome = settle(prepared, collector, failure, client_gone)
+            record(self.state, prepared, outcome, self.route())
+
+    def relay_json(self, response, prepared, collector):
+        try:
+            with response:
+                raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
+            answer = json.loads(raw.decode("utf-8"))
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
+                                                "upstream_error"))
+        if isinstance(answer, dict):
+            collector.feed_response(answer)
+        collector.done = True
+        answer_ended(prepared, collector)
+        self.send_body(200, raw.strip(), "application/json", self.proxy_headers(prepared.ctx, collector.usage))
+
+    def relay_stream(self, response, prepared, collector):
+        """Relay each SSE event the moment its blank line arrives, parsing it on the way; the
+        answer hooks run before the event that completes the answer is written. Returns True when
+        the client went away."""
+        self.send_response(200)
+        for name, value in self.proxy_headers(prepared.ctx).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        block, size = [], 0
+        try:
+            with response:
+                while True:
+                    try:
+                        line = response.readline(MAX_UPSTREAM_EVENT_BYTES + 1)
+                    except (OSError, ValueError, http.client.HTTPException) as error:
+                        self.end_stream_with_error(prepared, collector, "DeepSeek's stream broke off: %s" % error)
+                        break
+                    size += len(line)
+                    if size > MAX_UPSTREAM_EVENT_BYTES:
+                        self.end_stream_with_error(prepared, collector, "DeepSeek sent an event over %d bytes."
+                                                   % MAX_UPSTREAM_EVENT_BYTES)
+                        break
+                    if not line:
+                        if block:  # the last event lacked its blank line
+                            self.relay_event(prepared, collector, b"".join(block) + b"\n")
+                        if not collector.complete:
+                            self.end_stream_with_error(prepared, collector, "DeepSeek closed the stream before its end.")
+                        break
+                    if line.strip():
+                        block.append(line)
+                        continue
+                    if block:
+                        self.relay_event(prepared, collector, b"".join(block) + line)
+                        block, size = [], 0
+            self.write_chunk(b"")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
+            log.info("[%s] client went away mid-stream (%s); upstream closed", prepared.ctx.request_id,
+                     type(error).__name__)
+            self.close_connection = True
+            return True
+        return False
+
+    def relay_event(self, prepared, collector, event):
+        collector.feed_event(event)
+        answer_ended(prepared, collector)  # no-op until the answer is complete
+        self.write_chunk(event)
+
+    def end_stream_with_error(self, prepared, collector, message):
+        """After a 200 has gone out the only way to report a failure is an SSE error event, which
+        the OpenAI SDKs raise as APIError. A stream that had already finished just gets its [DONE]."""
+        if collector.finish_reason:
+            collector.done = True
+            self.write_chunk(b"data: [DONE]\n\n")
+            return
+        log.warning("[%s] %s", prepared.ctx.request_id, message)
+        event = json.dumps(error_body(message, "upstream_error", "upstream_stream_error"))
+        self.write_chunk(b"data: " + event.encode("utf-8") + b"\n\n")
+        self.close_connection = True
+
+    # -- plumbing
+
     def read_json_body(self):
-        length_header = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        lengths = set(self.headers.get_all("Content-Length") or ())
+        if self.headers.get("Transfer-Encoding") is not None:
+            if lengths:
+                raise ClientError(400, "Transfer-Encoding and Content-Length together are not allowed.",
+                                  close=True)
             raise ClientError(411, "Chunked request bodies are not supported: send Content-Length.",
                               "length_required", close=True)
-        if length_header is None:
+        if not lengths:
             raise ClientError(411, "Content-Length is required.", "length_required", close=True)
+        if len(lengths) > 1:
+            raise ClientError(400, "Conflicting Content-Length headers.", close=True)
         try:
-            length = int(length_header)
+            length = int(lengths.pop())
             if length < 0:
                 raise ValueError
         except ValueError:
@@ -1916,30 +2665,36 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if length > MAX_REQUEST_BYTES:
             raise ClientError(413, "Request body of %d bytes exceeds the limit of %d bytes." % (
                 length, MAX_REQUEST_BYTES), "request_too_large", close=True)
+        if not self.server.reserve_body(length):
+            raise ClientError(503, "The proxy holds too many large requests at once; retry shortly.",
+                              "server_busy", close=True, headers={"Retry-After": "1"})
+        self.reserved += length
         try:
             raw = self.rfile.read(length)
-        except (socket.timeout, TimeoutError):
-            raise ClientError(408, "Timed out reading the request body.", "request_timeout", close=True)
+        except (OSError, ValueError):
+            raw = b""
         if len(raw) < length:
+            if (self.deadline or {}).get("expired") or not raw:
+                raise ClientError(408, "The request was not sent within %.0fs." % CLIENT_TIMEOUT,
+                                  "request_timeout", close=True)
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
+        self.body_read()
         try:
-            body = json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
         except (ValueError, RecursionError) as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
-        if _LONE_SURROGATE.search(raw):
-            body = replace_lone_surrogates(body)
-        return body
 
     def discard_body(self):
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
-        if 0 <= length <= MAX_REQUEST_BYTES:
+        if 0 <= length <= 1024 * 1024 and self.headers.get("Transfer-Encoding") is None:
             try:
                 self.rfile.read(length)
+                self.body_read()
                 return
             except OSError:
                 pass
@@ -1952,7 +2707,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ClientError as error:
             if error.close:
                 self.close_connection = True
-            self.send_error_json(error.status, error.message, error.code)
+            self.send_error_json(error.status, error.message, error.code, error.headers)
+        except RecursionError:
+            self.send_error_json(400, "The request is nested too deeply.", "invalid_json")
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             self.close_connection = True
         except Exception as error:  # the proxy's own bug: a JSON 500, never a traceback to the client
@@ -1973,8 +2730,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
             headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage)
         if ctx.notes:
-            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
+            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500].encode("ascii", "replace").decode()
         return headers
+
+    def end_headers(self):
+        if self.cors_origin:
+            self.send_header("Access-Control-Allow-Origin", self.cors_origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def write_chunk(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -1989,77 +2752,192 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if not self.head_only:
+            self.wfile.write(data)
         self.wfile.flush()
 
     def send_json(self, status, payload, headers=None):
-        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+        self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace"),
                        "application/json", headers)
 
-    def send_error_json(self, status, message, code):
-        error_type = {401: "authentication_error", 404: "not_found_error", 500: "server_error"}.get(
-            status, "invalid_request_error")
-        self.send_json(status, error_body(message, error_type, code))
+    def send_error_json(self, status, message, code, headers=None):
+        self.send_json(status, chat_error(status, message, code), headers)
 
-    def log_chat(self, ctx, body, outcome, seconds):
-        usage = outcome["usage"] or {}
-        saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
-        log.info("[%s] POST %s stream=%s msgs=%d est_in=%d est_out=%d status=%s prompt=%s hit=%s "
-                 "completion=%s cost=$%.6f est_err=%s reasoning restored=%d filled=%d saved=[%s]%s %.0fms",
-                 ctx.request_id, self.route(), bool(body.get("stream")), len(body.get("messages") or ()),
-                 ctx.tokens_in, ctx.tokens_out, outcome["status"], usage.get("prompt_tokens", "-"),
-                 usage.get("prompt_cache_hit_tokens", "-"), usage.get("completion_tokens", "-"),
-                 usage_cost(usage), "-" if ctx.estimate_error is None else "%+.1f%%" % (100 * ctx.estimate_error),
-                 ctx.reasoning_restored, ctx.reasoning_filled, saved,
-                 (" notes=" + "; ".join(ctx.notes)) if ctx.notes else "", seconds * 1000)
+
+def bearer_token(header):
+    if header and header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return ""
 
 
 def hmac_equal(given, expected):
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-# =====================================================================================================
-# main(): configuration, key, data folders, server, signals.
-# =====================================================================================================
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
 
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """One daemon thread per connection; counts requests being answered (not idle keep-alives)
-    so that shutdown can wait for them."""
+    """One daemon thread per connection, at most MAX_CONNECTIONS of them (more are answered 503 at
+    once); counts requests being answered (not idle keep-alives) so that shutdown can wait for them,
+    and the bytes of request bodies held, up to MAX_BODY_BYTES_IN_FLIGHT."""
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128  # agents open many connections at once; the default 5 resets them
 
-    def __init__(self, address, handler):
+    def __init__(self, address, handler, state):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, handler)
+        self.state = state
+        self.deadlines = Deadlines()
         self.in_flight = 0
+        self.connections = 0
+        self.body_bytes = 0
         self._count_lock = threading.Lock()
 
     def track(self, delta):
         with self._count_lock:
             self.in_flight += delta
 
+    def reserve_body(self, length):
+        with self._count_lock:
+            if self.body_bytes and self.body_bytes + length > MAX_BODY_BYTES_IN_FLIGHT:
+                return False
+            self.body_bytes += length
+            return True
 
-def prepare_data_dir():
-    for sub in DATA_SUBDIRS:
+    def release_body(self, length):
+        if length:
+            with self._count_lock:
+                self.body_bytes -= length
+
+    def process_request(self, request, client_address):
+        with self._count_lock:
+            busy = self.connections >= MAX_CONNECTIONS
+            if not busy:
+                self.connections += 1
+        if busy:
+            payload = json.dumps(error_body("The proxy has %d connections open; retry shortly." % MAX_CONNECTIONS,
+                                            "server_error", "too_many_connections")).encode()
+            try:
+                request.setblocking(False)
+                request.send(BUSY_RESPONSE % (len(payload), payload))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
         try:
-            os.makedirs(data_path(sub), exist_ok=True)
-        except OSError as error:
-            warn_once("creating " + data_path(sub), error)
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
+
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is one line, not a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout, TimeoutError)):
+            log.info("connection from %s ended: %s", client_address[0], type(error).__name__)
+        else:
+            log.exception("error serving %s", client_address[0])
 
 
-def save_stats_every_minute():
+# =====================================================================================================
+# main(): configuration, the one state object, the server, signals.
+# =====================================================================================================
+
+class ProxyState:
+    """Everything one running proxy holds besides configuration: the key, the upstream pool, the
+    caches and stores, calibration and stats. Tests and benchmarks build as many as they like.
+    `summarise(messages, max_tokens, tools=None, thinking=False) -> text` is the proxy's own summary
+    call (request_summary); a benchmark may give a state a stand-in."""
+
+    def __init__(self, data_dir=None, api_key=None, persist=True):
+        self.data_dir = data_dir or DATA_DIR
+        self.api_key = load_api_key(self.data_dir) if api_key is None else api_key
+        self.upstream = UpstreamPool(DEEPSEEK_BASE, UPSTREAM_POOL_SIZE)
+        path = lambda name, on: os.path.join(self.data_dir, name) if (persist and on) else None  # noqa: E731
+        self.reasoning = ReasoningCache(MAX_CACHE_SIZE, MAX_CACHE_BYTES, path("reasoning_cache.jsonl", PERSIST_REASONING))
+        self.summaries = SummaryCache(SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", PERSIST_SUMMARIES))
+        self.system_prompts = SystemPromptStore(self)
+        self.conversation_summaries = ConversationSummaries(self)
+        self.calibration = TokenCalibration()
+        self.stats = Stats()
+        self.stats_path = path("stats.json", PERSIST_STATS)
+        self.dumps = MessageDumps(self.data_dir)
+
+    def summarise(self, messages, max_tokens, tools=None, thinking=False):
+        return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)
+
+    def load(self):
+        """Create the data folders and read what earlier runs left."""
+        for sub in DATA_SUBDIRS:
+            try:
+                make_private_dir(os.path.join(self.data_dir, sub))
+            except OSError as error:
+                warn_once("creating " + os.path.join(self.data_dir, sub), error)
+        self.reasoning.load()
+        self.summaries.load()
+        if self.stats_path:
+            self.stats.load(self.stats_path)
+        return self
+
+    def wait_idle(self, timeout=30.0):
+        """Wait for background summaries and pending file writes (tests, benchmarks)."""
+        self.system_prompts.wait_idle(timeout)
+        self.conversation_summaries.wait_idle(timeout)
+        self.flush()
+
+    def flush(self):
+        for jsonl in (self.reasoning.file, self.summaries.file):
+            if jsonl:
+                jsonl.flush()
+        self.dumps.flush()
+        if self.stats_path:
+            self.stats.save(self.stats_path)
+
+    def close(self):
+        self.flush()
+        self.upstream.close()
+
+
+def start_server(state, host, port, poll_interval=0.2):
+    """A ProxyServer for state on (host, port), serving in a daemon thread; returns the server.
+    (poll_interval: seconds shutdown() may wait for the serving loop to notice.)"""
+    server = ProxyServer((host, port), ProxyHandler, state)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True,
+                     name="serve-%d" % server.server_address[1]).start()
+    return server
+
+
+def stop_server(server, grace):
+    """Stop accepting, give requests being answered `grace` seconds, close."""
+    server.shutdown()
+    drain(server, grace)
+
+
+def drain(server, grace):
+    """After serving stopped: give requests being answered `grace` seconds, then close."""
+    deadline = time.monotonic() + grace
+    while server.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.in_flight:
+        log.warning("%d requests still open at shutdown; closing them", server.in_flight)
+    server.server_close()
+
+
+def save_stats_every_minute(state):
     while True:
         time.sleep(60)
-        stats.save(data_path("stats.json"))
-
-
-def is_loopback(host):
-    return host in ("localhost", "::1") or host.startswith("127.")
+        state.stats.save(state.stats_path)
 
 
 def main(argv=None):
-    global reasoning_cache, summary_cache, deepseek_api_key
     parse_args(argv)
     logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
@@ -2069,23 +2947,17 @@ def main(argv=None):
     if not is_loopback(HOST):
         log.warning("Listening on %s: reachable from other machines%s.", HOST,
                     "" if PROXY_KEY else " WITHOUT a proxy key")
-    prepare_data_dir()
-    reasoning_cache = PersistentLRU(
-        MAX_CACHE_SIZE, data_path("reasoning_cache.jsonl") if PERSIST_REASONING else None)
-    reasoning_cache.load()
-    summary_cache = PersistentLRU(MAX_CACHE_SIZE, data_path("summary_cache.jsonl") if PERSIST_SUMMARIES else None)
-    summary_cache.load()
-    if PERSIST_STATS:
-        stats.load(data_path("stats.json"))
-        saver = threading.Thread(target=save_stats_every_minute, daemon=True, name="stats-saver")
-        saver.start()
-    deepseek_api_key = load_api_key()
-    if not deepseek_api_key:
-        log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
-    if ":" in HOST:
-        ProxyServer.address_family = socket.AF_INET6
     try:
-        server = ProxyServer((HOST, PORT), ProxyHandler)
+        state = ProxyState().load()
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    if state.stats_path:
+        threading.Thread(target=save_stats_every_minute, args=(state,), daemon=True, name="stats-saver").start()
+    if not state.api_key:
+        log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
+    try:
+        server = ProxyServer((HOST, PORT), ProxyHandler, state)
     except OSError as error:
         log.error("Cannot listen on %s:%d: %s", HOST, PORT, error)
         return 1
@@ -2104,14 +2976,8 @@ def main(argv=None):
              __version__, host, port, DEEPSEEK_BASE, DEFAULT_MODEL, THINKING_MODE)
     print("LISTENING %s:%d" % (host, port), flush=True)
     server.serve_forever(poll_interval=0.2)
-    deadline = time.monotonic() + SHUTDOWN_GRACE
-    while server.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if server.in_flight:
-        log.warning("%d requests still open at shutdown; closing them", server.in_flight)
-    server.server_close()
-    if PERSIST_STATS:
-        stats.save(data_path("stats.json"))
+    drain(server, SHUTDOWN_GRACE)
+    state.close()
     log.info("stopped")
     return 0
 

@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from helpers import API_KEY, FakeDeepSeek, Proxy, assemble_stream, sse_data  # noqa: E402
+from helpers import API_KEY, FakeDeepSeek, ProxyProcess, assemble_stream, sse_data  # noqa: E402
 from fake_deepseek import Answer  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {
@@ -59,7 +59,7 @@ def main():
     fake.record = False
     fake.responder = responder
     fake.chunk_delay = 0.002
-    proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="load-"), ["--log-level", "WARNING", "--no-persist-stats"])
+    proxy = ProxyProcess(fake.url, tempfile.mkdtemp(prefix="load-"), ["--log-level", "WARNING", "--no-persist-stats", "--max-connections", "256"])
     latencies, errors, crossed, stop = [], [], [0], time.monotonic() + args.seconds
     lock = threading.Lock()
 

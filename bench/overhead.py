@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 import deepseek_proxy as proxy_module  # noqa: E402
-from helpers import API_KEY, Proxy  # noqa: E402
+from helpers import API_KEY, ProxyProcess  # noqa: E402
 from sessions import SESSIONS  # noqa: E402
 
 FAKE = ("import sys, time; sys.path.insert(0, %r); from fake_deepseek import FakeDeepSeek; "
@@ -131,17 +131,14 @@ def direct_form(body):
 
 def pipeline_time(body, rounds):
     proxy_module.log.disabled = True
-    proxy_module.COMPRESS_SYSTEM = False  # no summary call from this process
+    proxy_module.configure({"COMPRESS_SYSTEM": False})  # no summary call from this process
+    state = proxy_module.ProxyState(tempfile.mkdtemp(prefix="overhead-"), api_key="bench", persist=False)
     times = []
     for _ in range(rounds):
         raw = json.dumps(body).encode()
         started = time.perf_counter()
-        request = json.loads(raw)
-        ctx = proxy_module.RequestContext(request)
-        ctx.tokens_in = ctx.prompt_tokens(request["messages"])
-        messages = proxy_module.run_pipeline(request["messages"], ctx)
-        ctx.tokens_out = ctx.prompt_tokens(messages)
-        json.dumps(proxy_module.build_upstream_body(request, messages, ctx)).encode("ascii")
+        prepared = proxy_module.prepare(json.loads(raw), state)
+        proxy_module.encode_json(prepared.upstream_body)
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times), percentile(times, 0.95)
 
@@ -155,7 +152,7 @@ def main():
                                     stdout=subprocess.PIPE)
     fake_url = fake_process.stdout.readline().decode().strip()
     data_dir = tempfile.mkdtemp(prefix="overhead-")
-    proxy = Proxy(fake_url, data_dir, ["--log-level", "WARNING", "--no-persist-stats"])
+    proxy = ProxyProcess(fake_url, data_dir, ["--log-level", "WARNING", "--no-persist-stats", "--max-connections", "256"])
     try:
         direct = Client(int(fake_url.rsplit(":", 1)[1]))
         proxied = Client(proxy.port)

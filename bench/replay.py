@@ -86,52 +86,48 @@ def prompt_text(messages, tools):
 
 
 def replay(session, settings):
-    """Bill one session under one configuration; returns a dict of totals."""
-    defaults = {name: getattr(proxy, name) for name in set(settings) | set(OFF)}
-    for name, value in settings.items():
-        setattr(proxy, name, value)
-    proxy.reasoning_cache = proxy.PersistentLRU(proxy.MAX_CACHE_SIZE)
-    proxy.system_prompts = proxy.SystemPromptStore()
-    proxy.DATA_DIR = tempfile.mkdtemp(prefix="bench-")
+    """Bill one session under one configuration; returns a dict of totals. The requests go through
+    the proxy's own request core (prepare, then settle with the scripted answer), in this process."""
+    saved = proxy.configuration()
+    proxy.configure(settings)
+    data_dir = tempfile.mkdtemp(prefix="bench-")
+    state = proxy.ProxyState(data_dir, api_key="bench", persist=False)
+    state.summarise = stand_in_summary
     del SUMMARY_COSTS[:]
-    proxy.summary_cache = proxy.PersistentLRU(proxy.MAX_CACHE_SIZE)
-    proxy.conversation_summaries = proxy.ConversationSummaries()
-    proxy.token_calibration = proxy.TokenCalibration()
     cache = CURRENT_CACHE[0] = PrefixCache()
     totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0,
                   largest=0)
     try:
         for request in session.requests:
-            proxy.system_prompts.wait_idle()  # background summaries are ready by the next request
-            proxy.conversation_summaries.wait_idle()
-            body = {"messages": request["messages"], "tools": request["tools"]}
-            ctx = proxy.RequestContext(body)
+            state.wait_idle()  # background summaries are ready by the next request
+            body = {"model": "x", "messages": request["messages"], "tools": request["tools"]}
             started = time.perf_counter()
-            messages = proxy.run_pipeline(request["messages"], ctx)
+            prepared = proxy.prepare(body, state)
             totals["pipeline_s"] += time.perf_counter() - started
+            messages = prepared.upstream_body["messages"]
             text = prompt_text(messages, request["tools"])
             prompt, hit = tokens(text), cache.lookup(text)
             hit = min(hit, prompt)
             cache.remember(text)
             answer = request["answer"]
-            proxy.remember_answer(ctx, answer)
             cache.remember(text + render_message(answer))
             output = tokens(render_message(answer))
+            usage = {"prompt_tokens": prompt, "prompt_cache_hit_tokens": hit,
+                     "prompt_cache_miss_tokens": prompt - hit, "completion_tokens": 0}
+            collector = proxy.AnswerCollector()
+            collector.feed_response({"choices": [{"message": answer, "finish_reason": "stop"}], "usage": usage})
+            proxy.settle(prepared, collector)
             totals["requests"] += 1
             totals["prompt"] += prompt
             totals["largest"] = max(totals["largest"], prompt)
-            proxy.token_calibration.observe(ctx.prompt_tokens(messages), prompt)
             totals["hit"] += hit
             totals["output"] += output
-            usage = {"prompt_tokens": prompt, "prompt_cache_hit_tokens": hit,
-                     "prompt_cache_miss_tokens": prompt - hit, "completion_tokens": 0}
             totals["cost_in"] += proxy.usage_cost(usage)
             totals["cost_out"] += output * proxy.PRICE_OUTPUT / 1e6
     finally:
-        for name, value in defaults.items():
-            setattr(proxy, name, value)
-        shutil.rmtree(proxy.DATA_DIR, ignore_errors=True)
-        proxy.DATA_DIR = "."
+        state.wait_idle()
+        proxy.configure(saved)
+        shutil.rmtree(data_dir, ignore_errors=True)
     totals["summaries"] = len(SUMMARY_COSTS)
     totals["cost_in"] += sum(SUMMARY_COSTS)
     return totals
@@ -143,7 +139,6 @@ def main():
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
     proxy.log.disabled = True
-    proxy.request_summary = stand_in_summary
     print("| session | configuration | requests | input tokens | largest prompt | cache hit | summary calls "
           "| input cost $ | total cost $ | vs baseline | pipeline ms/request |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -150,9 +150,12 @@ class FakeDeepSeek:
         self.strict_keys = True  # unknown keys in messages -> 400
         self.keepalive_comments = 0  # ": keep-alive" comment events before the first chunk
         self.chunk_delay = 0.0  # seconds between streamed chunks
+        self.done_delay = 0.0  # seconds between the finish chunk and data: [DONE]
         self.reasoning_pieces = 3
         self.argument_fragment = 7  # characters per tool-call argument delta
-        self.failures = collections.deque()  # ("status", code, body) | ("drop",) | ("break", n_chunks)
+        # ("status", code, body[, headers]) | ("raw", code, bytes) | ("redirect", code, location) |
+        # ("drop",) | ("break", n_chunks) | ("sleep", seconds) | ("huge_line", bytes)
+        self.failures = collections.deque()
         self.summary_failures = collections.deque()  # the same, for the proxy's summary calls only
         self.summary_delay = 0.0  # seconds a summary call takes
         self.requests = []  # every chat request body, in arrival order
@@ -177,7 +180,7 @@ class FakeDeepSeek:
         http.server.ThreadingHTTPServer.request_queue_size = 256
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                          daemon=True).start()
         return self
 
@@ -370,11 +373,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
 
-    def send_json(self, status, payload):
-        data = json.dumps(payload).encode()
+    def send_json(self, status, payload, headers=None, content_type="application/json"):
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         try:
             self.wfile.write(data)
@@ -412,7 +417,12 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         if is_summary_request(body) and fake.summary_delay:
             time.sleep(fake.summary_delay)
         if failure and failure[0] == "status":
-            return self.send_json(failure[1], failure[2] if len(failure) > 2 else error("injected"))
+            return self.send_json(failure[1], failure[2] if len(failure) > 2 else error("injected"),
+                                  failure[3] if len(failure) > 3 else None)
+        if failure and failure[0] == "raw":
+            return self.send_json(failure[1], failure[2], content_type="text/html")
+        if failure and failure[0] == "redirect":
+            return self.send_json(failure[1], b"moved", {"Location": failure[2]}, "text/plain")
         if failure and failure[0] == "drop":
             self.close_connection = True
             self.connection.shutdown(2)
@@ -439,6 +449,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         break_after = failure[1] if failure and failure[0] == "break" else None
+        if failure and failure[0] == "huge_line":
+            try:
+                self.wfile.write(b"data: " + b"x" * failure[1])
+                self.wfile.flush()
+            except OSError:
+                pass
+            return
         try:
             for _ in range(fake.keepalive_comments):
                 self.wfile.write(b": keep-alive\n\n")
@@ -451,6 +468,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                     time.sleep(fake.chunk_delay)
                 self.wfile.write(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
                 self.wfile.flush()
+            if fake.done_delay:
+                time.sleep(fake.done_delay)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except OSError:

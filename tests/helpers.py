@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,13 +17,119 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import deepseek_proxy as dp  # noqa: E402
 from fake_deepseek import FakeDeepSeek  # noqa: E402
 
 API_KEY = "sk-test-key-abcd"
 
 
-class Proxy:
-    """deepseek_proxy.py in a subprocess, listening on a free port, logging to a file."""
+class ProxyClient:
+    """HTTP to a proxy on self.port (shared by the in-process and the subprocess proxy)."""
+
+    port = None
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        all_headers = {"Authorization": "Bearer client-key", "Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        connection.request(method, path, body=data, headers=all_headers)
+        response = connection.getresponse()
+        raw = response.read()
+        connection.close()
+        return response.status, dict(response.getheaders()), raw
+
+    def chat(self, body, path="/v1/chat/completions", headers=None):
+        """POST a chat request; returns (status, headers, parsed JSON or the list of SSE data)."""
+        status, response_headers, raw = self.request("POST", path, body, headers)
+        if response_headers.get("Content-Type", "").startswith("text/event-stream"):
+            return status, response_headers, sse_data(raw)
+        return status, response_headers, json.loads(raw)
+
+
+TEST_ARGS = ["--log-level", "DEBUG", "--upstream-retry-base-sleep", "0.05",
+             "--summarise-retry-base-sleep", "0.05", "--shutdown-grace", "3"]
+
+
+class LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # a log line must never break a test
+            pass
+
+
+class Proxy(ProxyClient):
+    """deepseek_proxy in this process: its configuration set from command-line flags, its own
+    state object, a server on a free port in a thread, and its log captured. stop() puts the
+    configuration back, so the next proxy starts from the defaults."""
+
+    def __init__(self, upstream, data_dir, args=(), env=None, key=API_KEY):
+        self.data_dir = data_dir
+        self.saved_config = dp.configuration()
+        environment = {"DEEPSEEK_API_KEY": key or None, "PROXY_API_KEY": None, "DEEPSEEK_BASE_URL": None}
+        environment.update(env or {})
+        with patched_environ(environment):
+            dp.parse_args(["--upstream", upstream, "--data-dir", data_dir, "--port", "0"] + TEST_ARGS + list(args))
+        self.capture = LogCapture()
+        self.capture.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger = logging.getLogger("deepseek_proxy")
+        self.saved_logger = (logger.level, logger.propagate)
+        logger.setLevel(dp.LOG_LEVEL)
+        logger.propagate = False
+        logger.addHandler(self.capture)
+        with patched_environ(environment):
+            self.state = dp.ProxyState().load()
+        self.server = dp.start_server(self.state, "127.0.0.1", 0, poll_interval=0.01)
+        self.port = self.server.server_address[1]
+        self.stopped = False
+
+    def log(self):
+        return "\n".join(list(self.capture.lines))
+
+    def stop(self, timeout=10):
+        if not self.stopped:
+            self.stopped = True
+            dp.stop_server(self.server, dp.SHUTDOWN_GRACE)
+            self.state.wait_idle(timeout)
+            self.state.close()
+            logger = logging.getLogger("deepseek_proxy")
+            logger.removeHandler(self.capture)
+            logger.setLevel(self.saved_logger[0])
+            logger.propagate = self.saved_logger[1]
+            dp.configure(self.saved_config)
+        return 0
+
+
+class patched_environ:
+    """Set (or, with None, remove) environment variables for the duration of a with block."""
+
+    def __init__(self, values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for name, value in self.values.items():
+            self.saved[name] = os.environ.get(name)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class ProxyProcess(ProxyClient):
+    """deepseek_proxy.py in a subprocess, listening on a free port, logging to a file: for the
+    command line, signals and restarts only."""
 
     def __init__(self, upstream, data_dir, args=(), env=None, key=API_KEY):
         self.data_dir = data_dir
@@ -35,9 +142,7 @@ class Proxy:
             environment["DEEPSEEK_API_KEY"] = key
         environment.update(env or {})
         command = [sys.executable, os.path.join(ROOT, "deepseek_proxy.py"), "--port", "0",
-                   "--upstream", upstream, "--data-dir", data_dir, "--log-level", "DEBUG",
-                   "--upstream-retry-base-sleep", "0.05", "--summarise-retry-base-sleep", "0.05",
-                   "--shutdown-grace", "3"] + list(args)
+                   "--upstream", upstream, "--data-dir", data_dir] + TEST_ARGS + list(args)
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log_file,
                                         env=environment, cwd=data_dir)
@@ -64,26 +169,6 @@ class Proxy:
         self.process.stdout.close()
         self.log_file.close()
         return self.process.returncode
-
-    # -- HTTP
-
-    def request(self, method, path, body=None, headers=None, timeout=30):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        all_headers = {"Authorization": "Bearer client-key", "Content-Type": "application/json"}
-        all_headers.update(headers or {})
-        connection.request(method, path, body=data, headers=all_headers)
-        response = connection.getresponse()
-        raw = response.read()
-        connection.close()
-        return response.status, dict(response.getheaders()), raw
-
-    def chat(self, body, path="/v1/chat/completions", headers=None):
-        """POST a chat request; returns (status, headers, parsed JSON or the list of SSE data)."""
-        status, response_headers, raw = self.request("POST", path, body, headers)
-        if response_headers.get("Content-Type", "").startswith("text/event-stream"):
-            return status, response_headers, sse_data(raw)
-        return status, response_headers, json.loads(raw)
 
 
 def chat_body(**extra):
@@ -141,8 +226,10 @@ class ProxyTestCase(unittest.TestCase):
         self.addCleanup(self.fake.stop)
         self.proxy = self.start_proxy()
 
-    def start_proxy(self, args=None, **kwargs):
-        proxy = Proxy(self.fake.url, self.data_dir, self.proxy_args if args is None else args, **kwargs)
+    def start_proxy(self, args=None, process=False, **kwargs):
+        """The proxy under test: in this process, or with process=True as a subprocess."""
+        kind = ProxyProcess if process else Proxy
+        proxy = kind(self.fake.url, self.data_dir, self.proxy_args if args is None else args, **kwargs)
         self.addCleanup(proxy.stop)
         return proxy
 

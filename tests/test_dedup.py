@@ -14,8 +14,11 @@ FILE_TEXT = "\n".join("line %d of a source file with some code = value(%d)" % (i
 BLOCK = "```python\n" + "\n".join("x_%d = compute(%d)" % (i, i) for i in range(30)) + "\n```"
 
 
+STATE = dp.ProxyState(persist=False, api_key="")
+
+
 def ctx(body=None):
-    return dp.RequestContext(body or {})
+    return dp.RequestContext(body or {}, STATE)
 
 
 def user(text):
@@ -90,7 +93,7 @@ class Boilerplate(unittest.TestCase):
     def test_off(self):
         messages = [user(REMINDER), user(REMINDER)]
         with mock.patch.object(dp, "DEDUP_BOILERPLATE", False):
-            self.assertIs(dp.dedup_boilerplate(messages, ctx()), messages)
+            self.assertEqual(dp.run_pipeline(messages, ctx()), messages)
 
 
 class ToolOutputs(unittest.TestCase):
@@ -216,10 +219,10 @@ class PrefixStability(unittest.TestCase):
 
     def test_whole_pipeline_with_defaults(self):
         def pipeline(messages, context):
-            return dp.run_pipeline(messages, dp.RequestContext({"tools": [{"type": "function"}]}))
+            return dp.run_pipeline(messages, dp.RequestContext({"tools": [{"type": "function"}]}, state))
         pipeline.__name__ = "pipeline"
-        with mock.patch.object(dp, "reasoning_cache", dp.PersistentLRU(100)):
-            self.assert_prefix_stable(pipeline, self.request_cuts)
+        state = dp.ProxyState(persist=False, api_key="")
+        self.assert_prefix_stable(pipeline, self.request_cuts)
 
 
 class ThroughTheProxy(ProxyTestCase):

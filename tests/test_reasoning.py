@@ -157,7 +157,7 @@ class ReasoningLoop(ProxyTestCase):
         status, messages = run_agent(restarted.port, True, start=messages)
         self.assertEqual(status, 200, messages)
         self.assert_upstream_got_exact_reasoning()
-        self.assertIn("reasoning_cache.jsonl: 2 entries loaded", restarted.log())
+        self.assertIn("reasoning_cache.jsonl: 2 reasoning entries loaded", restarted.log())
 
     def test_restart_mid_session_without_persistence(self):
         proxy = self.start_proxy(["--no-persist-reasoning"])
@@ -171,13 +171,43 @@ class ReasoningLoop(ProxyTestCase):
         self.assertEqual([m["reasoning_content"] for m in first_after_restart if m["role"] == "assistant"],
                          ["", ""])
 
-    def test_eviction_at_the_lru_bound(self):
+    def test_eviction_counts_conversations(self):
         proxy = self.start_proxy(["--max-cache-size", "2", "--no-persist-reasoning"])
-        status, messages = run_agent(proxy.port, False)
-        self.assertEqual(status, 200)
-        last = [m["reasoning_content"] for m in self.fake.requests[-1]["messages"] if m["role"] == "assistant"]
-        self.assertEqual(last[:2], ["", ""], "the oldest turns were evicted")
-        self.assertTrue(last[2] and last[3], "the newest two are still there")
+        sessions = [run_agent(proxy.port, False, first_message="Session %d." % i, stop_after=2)[1]
+                    for i in range(3)]
+        for index, expect_restored in ((2, True), (0, False)):
+            before = len(self.fake.requests)
+            status, _ = run_agent(proxy.port, False, first_message="Session %d." % index, stop_after=3,
+                                  start=sessions[index])
+            self.assertEqual(status, 200)
+            sent = [m["reasoning_content"] for m in self.fake.requests[before]["messages"] if m["role"] == "assistant"]
+            self.assertEqual(all(sent), expect_restored, "session %d: %r" % (index, sent))
+
+    def test_memory_is_bounded_by_bytes_too(self):
+        proxy = self.start_proxy(["--max-cache-bytes", "100", "--no-persist-reasoning"])
+        for i in range(5):  # two turns of ~35 characters of reasoning each
+            run_agent(proxy.port, False, first_message="Session %d." % i, stop_after=2)
+        self.assertLessEqual(proxy.state.reasoning.bytes, 100)
+        self.assertEqual(len(proxy.state.reasoning.conversations), 1, "the newest conversation alone fits")
+
+    def test_conversations_ending_alike_keep_their_own_reasoning(self):
+        """Two conversations whose last exchange is the same ("continue" -> "Done.") used to receive
+        each other's reasoning; keyed by the whole history they cannot."""
+        answers = iter(range(1000))
+        self.fake.responder = lambda body, number: Answer(content="Done.", reasoning="R%d" % next(answers))
+        histories = {}
+        for name in ("A", "B"):
+            history = [{"role": "user", "content": "Task " + name}]
+            for _ in range(2):
+                status, echoed = agent_turn(self.proxy.port, history, False)
+                self.assertEqual(status, 200)
+                history += [echoed, {"role": "user", "content": "continue"}]
+            histories[name] = history
+        produced = [answer["reasoning_content"] for answer in self.fake.answers]  # A1 A2 B1 B2
+        for name, expected in (("A", produced[:2]), ("B", produced[2:4])):
+            agent_turn(self.proxy.port, histories[name], False)
+            sent = [m["reasoning_content"] for m in self.fake.requests[-1]["messages"] if m["role"] == "assistant"]
+            self.assertEqual(sent, expected, name)
 
     def test_32_concurrent_sessions_without_cross_talk(self):
         results = run_in_threads(
@@ -188,36 +218,47 @@ class ReasoningLoop(ProxyTestCase):
         self.assertEqual(len(self.fake.requests), 32 * (ROUNDS + 2))
 
 
-class ReasoningKey(unittest.TestCase):
-    def test_tool_turns_are_keyed_by_their_first_call_id(self):
-        turn = {"role": "assistant", "content": "x", "tool_calls": [{"id": "call_1"}, {"id": "call_2"}]}
-        echoed = {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "function": {}}]}
-        self.assertEqual(proxy_module.reasoning_key(turn, None), "call:call_1")
-        self.assertEqual(proxy_module.reasoning_key(turn, None), proxy_module.reasoning_key(echoed, {}))
+class ReasoningKeys(unittest.TestCase):
+    def test_history_chain_survives_what_clients_change_when_they_echo(self):
+        sent = [{"role": "user", "content": "Question?  "},
+                {"role": "assistant", "content": "Answer.  \n\nMore  \n", "reasoning_content": "r",
+                 "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+        echoed = [{"role": "user", "content": [{"type": "text", "text": "Question?"}]},
+                  {"role": "assistant", "content": "Answer.\n\nMore",
+                   "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{ }"}}]}]
+        self.assertEqual(proxy_module.history_chain(sent), proxy_module.history_chain(echoed))
+        other = [{"role": "user", "content": "Other?"}] + echoed[1:]
+        self.assertNotEqual(proxy_module.history_chain(sent)[2], proxy_module.history_chain(other)[2])
 
-    def test_text_turns_survive_trimming_and_depend_on_the_question(self):
-        asked = {"role": "user", "content": "Question?  "}
-        key = proxy_module.reasoning_key({"content": "Answer.  \n\nMore  \n"}, asked)
-        self.assertEqual(key, proxy_module.reasoning_key({"content": "Answer.\n\nMore"}, {"content": "Question?"}))
-        self.assertEqual(key, proxy_module.reasoning_key(
-            {"content": [{"type": "text", "text": "Answer.\n\nMore"}]}, asked))
-        self.assertNotEqual(key, proxy_module.reasoning_key({"content": "Answer.\n\nMore"}, {"content": "Other?"}))
-        self.assertIsNone(proxy_module.reasoning_key({"content": "  "}, asked))
-        self.assertIsNone(proxy_module.reasoning_key({"content": None}, asked))
-
-    def test_cache_file_survives_corruption_and_compacts(self):
+    def test_cache_file_is_private_survives_corruption_and_a_torn_line_and_compacts(self):
         import tempfile
         path = os.path.join(tempfile.mkdtemp(), "r.jsonl")
-        cache = proxy_module.PersistentLRU(3, path)
+        cache = proxy_module.ReasoningCache(3, 10 ** 6, path)
         for i in range(10):
-            cache.remember("k%d" % i, "r%d" % i)
+            cache.remember("c%d" % i, "k%d" % i, "r%d" % i)
+        cache.file.flush()
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
         with open(path, "a") as handle:
-            handle.write("{not json\n")
-        loaded = proxy_module.PersistentLRU(3, path)
+            handle.write('{not json\n{"c": "torn", "k": "line", "v": "cut off')
+        loaded = proxy_module.ReasoningCache(3, 10 ** 6, path)
         loaded.load()
-        self.assertEqual([loaded.recall("k%d" % i) for i in range(10)], [None] * 7 + ["r7", "r8", "r9"])
-        with open(path) as handle:
-            self.assertLessEqual(len(handle.readlines()), 8, "rewritten compactly past twice the capacity")
+        self.assertEqual([loaded.recall("c%d" % i, "k%d" % i) for i in range(10)], [None] * 7 + ["r7", "r8", "r9"])
+        loaded.remember("c10", "k10", "r10")
+        loaded.file.flush()
+        again = proxy_module.ReasoningCache(3, 10 ** 6, path)
+        again.load()
+        self.assertEqual(again.recall("c10", "k10"), "r10", "the torn line cost itself only")
+
+    def test_file_is_never_written_through_a_symlink(self):
+        import tempfile
+        folder = tempfile.mkdtemp()
+        target = os.path.join(folder, "elsewhere")
+        os.symlink(target, os.path.join(folder, "r.jsonl"))
+        cache = proxy_module.ReasoningCache(3, 10 ** 6, os.path.join(folder, "r.jsonl"))
+        cache.remember("c", "k", "r")
+        cache.file.flush()
+        self.assertFalse(os.path.exists(target))
+        self.assertEqual(cache.recall("c", "k"), "r", "memory still has it")
 
 
 if __name__ == "__main__":

@@ -150,8 +150,6 @@ class Errors(ProxyTestCase):
     def test_upstream_errors_pass_through_with_status_and_body(self):
         for status, body in ((400, {"error": {"message": "bad thing", "type": "invalid_request_error",
                                               "param": None, "code": "invalid_request_error"}}),
-                             (402, {"error": {"message": "Insufficient Balance", "type": "unknown_error",
-                                              "param": None, "code": "invalid_request_error"}}),
                              (422, {"error": {"message": "expected struct ThinkingOptions",
                                               "type": "invalid_request_error", "param": None,
                                               "code": "invalid_request_error"}})):
@@ -159,12 +157,24 @@ class Errors(ProxyTestCase):
             got_status, _, got = self.proxy.chat(chat_body())
             self.assertEqual((got_status, got), (status, body))
 
-    def test_bad_deepseek_key_gives_deepseeks_401(self):
+    def test_refused_deepseek_key_is_named_as_the_proxys_and_not_echoed(self):
         proxy = self.start_proxy(key="sk-wrong-key-wxyz")
         status, _, body = proxy.chat(chat_body())
         self.assertEqual(status, 401)
-        self.assertEqual(body["error"]["message"], "Authentication Fails, Your api key: ****wxyz is invalid")
+        self.assertIn("proxy's DeepSeek API key", body["error"]["message"])
+        self.assertIn("DEEPSEEK_API_KEY", body["error"]["message"])
+        self.assertNotIn("wxyz", json.dumps(body))
         self.assertEqual(body["error"]["type"], "authentication_error")
+        self.assertIn("WARNING DeepSeek refused the proxy's DeepSeek API key", proxy.log())
+
+    def test_insufficient_balance_says_whose(self):
+        self.fake.failures.append(("status", 402, {"error": {"message": "Insufficient Balance",
+                                                             "type": "unknown_error"}}))
+        status, _, body = self.proxy.chat(chat_body())
+        self.assertEqual(status, 402)
+        self.assertIn("insufficient balance", body["error"]["message"])
+        self.assertIn("DEEPSEEK_API_KEY", body["error"]["message"])
+        self.assertIn("WARNING DeepSeek reports insufficient balance", self.proxy.log())
 
     def test_429_is_retried_then_passed_through(self):
         for _ in range(3):
@@ -255,7 +265,10 @@ class Routes(ProxyTestCase):
         connection.close()
 
     def test_sigterm_stops_cleanly(self):
-        self.assertEqual(self.proxy.stop(), 0)
+        proxy = self.start_proxy(process=True)
+        self.assertEqual(proxy.chat(chat_body())[0], 200)
+        self.assertEqual(proxy.stop(), 0)
+        self.assertIn("stopped", proxy.log())
 
 
 if __name__ == "__main__":

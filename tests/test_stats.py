@@ -80,7 +80,7 @@ class Stats(ProxyTestCase):
 
 
 class SummaryAccounting(ProxyTestCase):
-    proxy_args = ("--system-min-chars", "2000", "--system-wait", "10")
+    proxy_args = ("--system-min-seen", "1", "--system-min-chars", "2000", "--system-wait", "10")
 
     def test_summary_calls_are_kept_apart(self):
         self.proxy.chat({"model": "x", "messages": [{"role": "system", "content": LONG_SYSTEM},
@@ -105,6 +105,7 @@ class MessageDumps(ProxyTestCase):
             self.proxy.chat(chat_body(messages=[{"role": "developer", "content": "d%d" % i},
                                            {"role": "user", "content": "Hi %d" % i}]),
                             headers={"Authorization": "Bearer sk-client-secret"})
+        self.proxy.state.dumps.flush()
         pre = sorted(os.listdir(os.path.join(self.data_dir, "pre_msg")))
         post = sorted(os.listdir(os.path.join(self.data_dir, "post_msg")))
         self.assertEqual(pre, post)

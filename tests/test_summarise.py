@@ -273,11 +273,10 @@ class Estimator(unittest.TestCase):
 
     def test_calibration_converges_on_real_counts(self):
         calibration = dp.TokenCalibration()
-        with mock.patch.object(dp, "token_calibration", calibration):
-            for _ in range(12):
-                estimate = dp.estimate_tokens(self.PROSE)
-                calibration.observe(estimate, int(len(self.PROSE) / 2.5))  # a tokenizer denser than assumed
-            error = dp.estimate_tokens(self.PROSE) / (len(self.PROSE) / 2.5) - 1
+        for _ in range(12):
+            estimate = dp.estimate_tokens(self.PROSE, calibration.factor)
+            calibration.observe(estimate, int(len(self.PROSE) / 2.5))  # a tokenizer denser than assumed
+        error = dp.estimate_tokens(self.PROSE, calibration.factor) / (len(self.PROSE) / 2.5) - 1
         self.assertLess(abs(error), 0.05)
 
 
