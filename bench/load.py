@@ -23,6 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
+from report import Report  # noqa: E402
 from helpers import API_KEY, FakeDeepSeek, ProxyProcess, assemble_stream, sse_data  # noqa: E402
 from fake_deepseek import Answer  # noqa: E402
 
@@ -54,6 +55,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/benchmarks.md")
     args = parser.parse_args()
     fake = FakeDeepSeek(API_KEY).start()
     fake.record = False
@@ -117,16 +119,18 @@ def main():
     stats = json.loads(proxy.request("GET", "/stats")[2])
     proxy.stop()
     fake.stop()
-    print("| sessions | seconds | requests | errors | cross-talk | req/s | median ms | p99 ms "
+    report = Report("load", args.write_docs, "Load: concurrent streaming agent sessions")
+    report.line("| sessions | seconds | requests | errors | cross-talk | req/s | median ms | p99 ms "
           "| proxy RSS before -> after (kB) | threads before -> after | reasoning cache entries |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|")
     ordered = sorted(latencies)
-    print("| %d | %.0f | %d | %d | %d | %.0f | %.1f | %.1f | %s -> %s | %s -> %s | %d |" % (
+    report.line("| %d | %.0f | %d | %d | %d | %.0f | %.1f | %.1f | %s -> %s | %s -> %s | %d |" % (
         args.sessions, elapsed, len(latencies), len(errors), crossed[0], len(latencies) / elapsed,
         1000 * statistics.median(ordered), 1000 * ordered[int(0.99 * (len(ordered) - 1))],
         before[0], after[0], before[1], after[1], stats["reasoning_cache_entries"]))
     for error in errors[:5]:
-        print("error:", error)
+        report.line("error: %s" % error)
+    report.save()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ sys.path.insert(0, HERE)
 
 import deepseek_proxy as proxy_module  # noqa: E402
 from helpers import API_KEY, ProxyProcess  # noqa: E402
+from report import Report  # noqa: E402
 from sessions import SESSIONS  # noqa: E402
 
 FAKE = ("import sys, time; sys.path.insert(0, %r); from fake_deepseek import FakeDeepSeek; "
@@ -146,7 +147,9 @@ def pipeline_time(body, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help="also write the tables into docs/benchmarks.md")
     args = parser.parse_args()
+    report = Report("overhead", args.write_docs, "What the proxy adds to a request")
     rounds_small, rounds_big, seconds = (60, 8, 1.5) if args.quick else (300, 30, 4.0)
     fake_process = subprocess.Popen([sys.executable, "-c", FAKE % (os.path.join(ROOT, "tests"), API_KEY)],
                                     stdout=subprocess.PIPE)
@@ -162,29 +165,30 @@ def main():
         agent_bytes = json.dumps(agent).encode()
         direct_agent = json.dumps(direct_form(agent)).encode()
         compare(direct, proxied, small, small, 20)  # warm up both paths
-        print("Proxy overhead on this machine (%d cores), ms: median / p95 / p99\n" % os.cpu_count())
-        print("| request | n | direct | through the proxy | added by the proxy |")
-        print("|---|---|---|---|---|")
-        print(row("small, non-streaming", compare(direct, proxied, small, small, rounds_small), 0))
+        report.line("Proxy overhead on this machine (%d cores), ms: median / p95 / p99\n" % os.cpu_count())
+        report.line("| request | n | direct | through the proxy | added by the proxy |")
+        report.line("|---|---|---|---|---|")
+        report.line(row("small, non-streaming", compare(direct, proxied, small, small, rounds_small), 0))
         streams = compare(direct, proxied, small_stream, small_stream, rounds_small)
-        print(row("small, streaming: whole stream", streams, 0))
-        print(row("small, streaming: first byte", streams, 1))
+        report.line(row("small, streaming: whole stream", streams, 0))
+        report.line(row("small, streaming: first byte", streams, 1))
         agent_results = compare(direct, proxied, direct_agent, agent_bytes, rounds_big)
-        print(row("agent request, %dK chars, non-streaming" % (len(agent_bytes) // 1000), agent_results, 0))
+        report.line(row("agent request, %dK chars, non-streaming" % (len(agent_bytes) // 1000), agent_results, 0))
         median, p95 = pipeline_time(agent, rounds_big)
-        print("\nThe proxy's own work on the agent request (parse, pipeline, estimates, re-serialise), "
+        report.line("\nThe proxy's own work on the agent request (parse, pipeline, estimates, re-serialise), "
               "in-process: median %.1f ms, p95 %.1f ms." % (median, p95))
-        print("The agent request through the proxy reaches DeepSeek smaller: the pipeline's deduplication "
+        report.line("The agent request through the proxy reaches DeepSeek smaller: the pipeline's deduplication "
               "removes repeated tool output before it is sent, which the 'direct' path carries in full.\n")
-        print("| concurrent clients | direct req/s | through the proxy req/s | errors |")
-        print("|---|---|---|---|")
+        report.line("| concurrent clients | direct req/s | through the proxy req/s | errors |")
+        report.line("|---|---|---|---|")
         for concurrency in (1, 8, 64):
             direct_rps, direct_errors = throughput(direct, small, API_KEY, concurrency, seconds)
             proxy_rps, proxy_errors = throughput(proxied, small, "client", concurrency, seconds)
-            print("| %d | %.0f | %.0f | %d |" % (concurrency, direct_rps, proxy_rps, direct_errors + proxy_errors))
+            report.line("| %d | %.0f | %.0f | %d |" % (concurrency, direct_rps, proxy_rps, direct_errors + proxy_errors))
     finally:
         proxy.stop()
         fake_process.kill()
+    report.save()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, HERE)
 
 import deepseek_proxy as proxy  # noqa: E402
 from fake_deepseek import CHARS_PER_TOKEN, PrefixCache, render_message  # noqa: E402
+from report import Report  # noqa: E402
 from sessions import SESSIONS  # noqa: E402
 
 OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
@@ -137,11 +138,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", default="copilot,cline,aider")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--write-docs", action="store_true", help="also write the table into docs/benchmarks.md")
     args = parser.parse_args()
     proxy.log.disabled = True
-    print("| session | configuration | requests | input tokens | largest prompt | cache hit | summary calls "
+    report = Report("replay-" + args.sessions.replace(",", "-"), args.write_docs,
+                    "Billed cost per session and configuration: " + args.sessions.replace(",", ", "))
+    report.line("| session | configuration | requests | input tokens | largest prompt | cache hit | summary calls "
           "| input cost $ | total cost $ | vs baseline | pipeline ms/request |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|")
     for session_name in args.sessions.split(","):
         session = SESSIONS[session_name]()
         baseline = None
@@ -149,10 +153,11 @@ def main():
             totals = replay(session, CONFIGS[config_name])
             total = totals["cost_in"] + totals["cost_out"]
             baseline = baseline or total
-            print("| %s | %s | %d | %d | %d | %.1f%% | %d | %.4f | %.4f | %+.1f%% | %.1f |" % (
+            report.line("| %s | %s | %d | %d | %d | %.1f%% | %d | %.4f | %.4f | %+.1f%% | %.1f |" % (
                 session_name, config_name, totals["requests"], totals["prompt"], totals["largest"],
                 100.0 * totals["hit"] / max(1, totals["prompt"]), totals["summaries"], totals["cost_in"], total,
                 100.0 * (total - baseline) / baseline, 1000 * totals["pipeline_s"] / totals["requests"]))
+    report.save()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Synthetic agent sessions in the shape of real clients (../shared/clients.md), for the benchmarks.
+"""Synthetic agent sessions in the shape of real clients (Copilot, Cline, Aider, as docs/design.md describes them), for the benchmarks.
 
 Each session is a list of requests as the client sends them (append-only history, no
 reasoning_content echoed back) plus the scripted answer to each, with its reasoning. Deterministic:

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 sys.path.insert(0, HERE)
 
 from helpers import API_KEY, FakeDeepSeek, Proxy  # noqa: E402
+from report import Report  # noqa: E402
 from sessions import SESSIONS, scripted_responder  # noqa: E402
 
 MODEL_SECONDS = 0.3
@@ -59,15 +60,17 @@ def run(watermark):
 
 
 def main():
-    print("| watermark | requests | median first byte s | max first byte s | requests that waited for a summary |")
-    print("|---|---|---|---|---|")
+    report = Report("summary-latency", "--write-docs" in sys.argv, "Waiting for conversation summaries")
+    report.line("| watermark | requests | median first byte s | max first byte s | requests that waited for a summary |")
+    report.line("|---|---|---|---|---|")
     for watermark in (0, 0.7):
         first_bytes, slow, _ = run(watermark)
-        print("| %s | %d | %.2f | %.2f | %d |" % (
+        report.line("| %s | %d | %.2f | %.2f | %d |" % (
             "off (summary made by the crossing request)" if not watermark else "%.1f (summary made in the background)"
             % watermark, len(first_bytes), statistics.median(first_bytes), max(first_bytes), len(slow)))
-    print("\nModel answer %.1f s, summary call %.1f s (fake DeepSeek), default budget." % (
+    report.line("\nModel answer %.1f s, summary call %.1f s (fake DeepSeek), default budget." % (
         MODEL_SECONDS, SUMMARY_SECONDS))
+    report.save()
 
 
 if __name__ == "__main__":

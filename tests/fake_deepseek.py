@@ -1,4 +1,8 @@
-"""A strict fake of DeepSeek's chat API (see ../shared/deepseek_api.md), for the proxy's tests.
+"""A strict fake of DeepSeek's chat API, for the proxy's tests and benchmarks, and to try clients
+without a key:
+
+    python tests/fake_deepseek.py --port 9000      # accepts the key sk-fake
+    DEEPSEEK_API_KEY=sk-fake python deepseek_proxy.py --upstream http://127.0.0.1:9000
 
 It validates requests the way DeepSeek does and answers the way DeepSeek does:
 - both path prefixes, Bearer auth with DeepSeek's 401 body, GET /models;
@@ -151,6 +155,8 @@ class FakeDeepSeek:
         self.keepalive_comments = 0  # ": keep-alive" comment events before the first chunk
         self.chunk_delay = 0.0  # seconds between streamed chunks
         self.done_delay = 0.0  # seconds between the finish chunk and data: [DONE]
+        self.connect_delay = 0.0  # seconds each new connection waits first (a TLS handshake's stand-in)
+        self.connections = 0  # connections accepted so far
         self.reasoning_pieces = 3
         self.argument_fragment = 7  # characters per tool-call argument delta
         # ("status", code, body[, headers]) | ("raw", code, bytes) | ("redirect", code, location) |
@@ -171,14 +177,14 @@ class FakeDeepSeek:
 
     # -- lifecycle
 
-    def start(self):
+    def start(self, host="127.0.0.1", port=0):
         fake = self
 
         class Handler(FakeHandler):
             owner = fake
 
         http.server.ThreadingHTTPServer.request_queue_size = 256
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                          daemon=True).start()
@@ -369,6 +375,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.owner.lock:
+            self.owner.connections += 1
+        if self.owner.connect_delay:
+            time.sleep(self.owner.connect_delay)
 
     def log_message(self, format, *args):
         pass
@@ -474,3 +484,26 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:
             pass
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description="A fake DeepSeek chat API on 127.0.0.1, for trying clients.")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--key", default="sk-fake", help="the API key it accepts")
+    parser.add_argument("--connect-delay", type=float, default=0.0, help="seconds each new connection waits")
+    args = parser.parse_args()
+    fake = FakeDeepSeek(args.key)
+    fake.record = False
+    fake.connect_delay = args.connect_delay
+    fake.start(port=args.port)
+    print("fake DeepSeek on %s (key %s); Ctrl-C stops it" % (fake.url, args.key), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()

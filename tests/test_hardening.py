@@ -11,41 +11,11 @@ import sys
 import threading
 import time
 
-from helpers import API_KEY, ROOT, ProxyProcess, ProxyTestCase, assemble_stream, run_in_threads, sse_data, wait_for
+from helpers import API_KEY, ROOT, ProxyProcess, ProxyTestCase, raw_exchange, assemble_stream, run_in_threads, sse_data, wait_for
 from fake_deepseek import Answer
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {
     "type": "object", "properties": {"path": {"type": "string"}}}}}]
-
-
-def raw_exchange(port, payload, read_timeout=5.0):
-    """Send raw bytes, return the status line and the rest of what came back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
-        sock.sendall(payload)
-        chunks = []
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-                if b"\r\n\r\n" in b"".join(chunks) and b"Content-Length" in b"".join(chunks):
-                    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-                    if len(body) >= length:
-                        break
-        except socket.timeout:
-            pass
-    response = b"".join(chunks)
-    return response.split(b"\r\n", 1)[0], response
-
-
-def thread_count(pid):
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return 0
 
 
 def malformed_bodies(rng):

@@ -1,7 +1,8 @@
-"""The relay end to end: proxy in a subprocess, fake DeepSeek upstream, plain HTTP client."""
+"""The relay end to end: the proxy in-process, the fake DeepSeek upstream, a plain HTTP client."""
 
 import http.client
 import json
+import os
 import time
 import unittest
 
@@ -242,6 +243,33 @@ class Documentation(unittest.TestCase):
             flag = "--" + deepseek_proxy.FLAG_NAMES.get(name, name.lower()).replace("_", "-")
             self.assertTrue("`" + flag + "`" in readme, "%s (%s) is not in README.md" % (flag, name))
         self.assertIn("python -m unittest discover -s tests -v", readme)
+
+    def test_the_repository_stands_on_its_own(self):
+        import os
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        for folder, _, names in os.walk(root):
+            if any(part in folder for part in (".git", ".venv", "__pycache__", ".ci")):
+                continue
+            for name in names:
+                if name.endswith((".py", ".md", ".txt", ".example")) or name == "run":
+                    with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as handle:
+                        self.assertNotIn(".." + "/shared", handle.read(), os.path.join(folder, name))
+
+    def test_the_fake_deepseek_runs_by_hand(self):
+        import subprocess
+        import sys
+        from helpers import HERE
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_deepseek.py"), "--port", "0"],
+                                   stdout=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.kill)
+        line = process.stdout.readline()
+        self.assertIn("fake DeepSeek on http://127.0.0.1:", line)
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/v1/models")
+        self.assertEqual(connection.getresponse().status, 200)
+        connection.close()
 
 
 class Routes(ProxyTestCase):

@@ -9,7 +9,8 @@ import threading
 import time
 import unittest
 
-from helpers import API_KEY, FakeDeepSeek, ProxyTestCase, assemble_stream, chat_body, run_in_threads, wait_for
+from helpers import (API_KEY, FakeDeepSeek, ProxyTestCase, assemble_stream, chat_body, raw_exchange,
+                     run_in_threads, wait_for)
 import deepseek_proxy as dp
 from fake_deepseek import Answer, is_summary_request
 from test_summarise import ARGS as SUMMARY_ARGS, Conversation, agent_responder as summary_agent
@@ -19,19 +20,8 @@ TOOLS = [{"type": "function", "function": {"name": "read_file", "parameters": {
 
 
 def raw_request(port, data, timeout=5.0):
-    """Send raw bytes; return everything that came back until the server closed or went quiet."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-    return b"".join(chunks)
+    """Raw bytes in, everything that came back out."""
+    return raw_exchange(port, data, timeout)[1]
 
 
 class BrowserRequests(ProxyTestCase):
