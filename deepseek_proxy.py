@@ -33,6 +33,7 @@ Standard library only. License: MIT.
 """
 
 import argparse
+import base64
 import collections
 import email.utils
 import hashlib
@@ -116,6 +117,10 @@ UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the
 PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
 PERSIST_STATS = True  # keep /stats totals in DATA_DIR/stats.json across restarts (saved each minute)
 
+# -- Fronts (Anthropic Messages, OpenAI Responses)
+RESPONSES_STORE_SIZE = 200  # responses kept for previous_response_id (store: true), LRU
+MAX_RESPONSES_BYTES = 64 * 1024 * 1024  # bytes of stored responses, all together
+
 # -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
 DATA_DIR = "."  # folder of the proxy's files and caches
 SAVE_PREPOST_MSGS = False  # dump each request as received (pre_msg/) and as sent upstream (post_msg/)
@@ -169,7 +174,10 @@ DATA_SUBDIRS = ("pre_sys", "post_sys", "pre_msg", "post_msg")
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_PATHS = ("/v1/models", "/models")
-API_POST_PATHS = CHAT_PATHS  # POST routes that take a JSON body
+MESSAGES_PATHS = ("/v1/messages", "/messages")
+COUNT_TOKENS_PATHS = ("/v1/messages/count_tokens", "/messages/count_tokens")
+RESPONSES_PATHS = ("/v1/responses", "/responses")
+API_POST_PATHS = CHAT_PATHS + MESSAGES_PATHS + COUNT_TOKENS_PATHS + RESPONSES_PATHS  # routes taking JSON
 
 
 def config_help():
@@ -2063,16 +2071,761 @@ def settle(prepared, collector=None, failure=None, client_gone=False):
 
 
 # =====================================================================================================
-# Fronts. The OpenAI chat-completions API is the core's own form: its front is the identity, and
-# DeepSeek's answers (whole, or SSE events) go back to the client byte for byte. Errors use the
-# envelope of error_body().
+# Fronts. Each front turns its API's request into the core's chat body and DeepSeek's answer (whole, or
+# SSE chunks) back into its API's shape, and nothing else: every stage, limit, check and the accounting
+# apply to all of them unchanged. A front's exchange(body, state) is an Exchange for one request:
+#   chat_body, notes            what prepare() gets, and remarks for X-Proxy-Notes
+#   answer(raw, answer, collector) -> bytes       a whole answer in the front's shape
+#   stream_start() / stream_event(raw, chunks) / stream_keepalive() / stream_end(collector) /
+#   stream_error(message) -> bytes                 the front's SSE events
+#   finished(prepared, collector, outcome)        after the answer (the Responses store)
+# and error(status, message, code) is the front's error envelope.
+#
+# Reasoning leaves the proxy sealed (seal(): the text and an HMAC keyed by the proxy's DeepSeek key)
+# in Anthropic thinking-block signatures and Responses reasoning items' encrypted_content, so clients
+# that replay their history statelessly give it back byte-exact, and a block the proxy did not issue is
+# never taken for DeepSeek's reasoning.
 # =====================================================================================================
 
 def chat_error(status, message, code):
+    """The OpenAI/DeepSeek error envelope with the type OpenAI uses for the status."""
     error_type = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                   429: "rate_limit_error", 500: "server_error", 503: "server_error"}.get(
         status, "invalid_request_error")
     return error_body(message, error_type, code)
+
+
+SEAL_PREFIX = "dsp1."
+
+
+def signing_key(api_key):
+    return hashlib.sha256(b"deepseek-proxy reasoning seal\x00" + api_key.encode("utf-8")).digest()
+
+
+def seal(state, reasoning):
+    payload = base64.urlsafe_b64encode(reasoning.encode("utf-8", "surrogatepass")).decode("ascii")
+    mac = hmac.new(signing_key(state.api_key), payload.encode("ascii"), hashlib.sha256).hexdigest()[:32]
+    return SEAL_PREFIX + payload + "." + mac
+
+
+def unseal(state, token):
+    """The reasoning sealed in token, or None when the proxy did not issue it (or it was altered)."""
+    if not isinstance(token, str) or not token.startswith(SEAL_PREFIX) or token.count(".") != 2:
+        return None
+    payload, mac = token[len(SEAL_PREFIX):].split(".")
+    expected = hmac.new(signing_key(state.api_key), payload.encode("ascii"), hashlib.sha256).hexdigest()[:32]
+    if not hmac.compare_digest(mac, expected):
+        return None
+    try:
+        return base64.urlsafe_b64decode(payload.encode("ascii")).decode("utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+IMAGE_NOTE = "[image omitted: the model behind this proxy (DeepSeek) cannot see images]"
+
+
+def parse_arguments(arguments):
+    """A tool call's arguments as an object (Anthropic's tool_use input), {} when they are not JSON."""
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def sse(event, payload):
+    return ("event: %s\ndata: %s\n\n" % (event, json.dumps(payload, ensure_ascii=False))).encode("utf-8")
+
+
+def require(condition, message, param=None):
+    if not condition:
+        raise ClientError(400, message + (" (%s)" % param if param else ""))
+
+
+class Exchange:
+    """What every front's exchange does unless it says otherwise."""
+
+    def stream_start(self):
+        return b""
+
+    def stream_keepalive(self, raw):
+        return b""
+
+    def stream_end(self, collector):
+        return b""
+
+    def finished(self, prepared, collector, outcome):
+        pass
+
+
+class ChatExchange(Exchange):
+    """The OpenAI chat-completions front: the identity. DeepSeek's bytes go back unchanged."""
+
+    def __init__(self, body, state):
+        self.chat_body, self.notes = body, []
+
+    def answer(self, raw, answer, collector):
+        return raw
+
+    def stream_event(self, raw, chunks):
+        return raw
+
+    def stream_keepalive(self, raw):
+        return raw
+
+    def stream_error(self, message):
+        return b"data: " + json.dumps(error_body(message, "upstream_error", "upstream_stream_error")).encode() + b"\n\n"
+
+
+class ChatFront:
+    exchange = ChatExchange
+    error = staticmethod(chat_error)
+
+
+# -- Anthropic Messages --------------------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
+                          "content_filter": "refusal"}
+
+
+def anthropic_text(content, notes):
+    """Text of an Anthropic content (a string, or blocks of which text and images count)."""
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for block in content or ():
+        if isinstance(block, dict) and block.get("type") == "text":
+            pieces.append(str(block.get("text", "")))
+        elif isinstance(block, dict) and block.get("type") == "image":
+            notes.append("image replaced by a note")
+            pieces.append(IMAGE_NOTE)
+    return "\n".join(pieces)
+
+
+def anthropic_to_chat(body, state):
+    """(chat body, notes) for an Anthropic Messages request."""
+    require(isinstance(body, dict), "The request body must be a JSON object.")
+    messages = body.get("messages")
+    require(isinstance(messages, list) and messages, "'messages' must be a non-empty array.")
+    notes, chat = [], []
+    system = body.get("system")
+    if system:
+        require(isinstance(system, (str, list)), "'system' must be a string or an array of text blocks.")
+        chat.append({"role": "system", "content": anthropic_text(system, notes)})
+    for index, message in enumerate(messages):
+        require(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
+                "messages[%d] must be an object with role user, assistant or system." % index)
+        content = message.get("content")
+        require(isinstance(content, (str, list)), "messages[%d].content must be a string or an array of blocks." % index)
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        require(all(isinstance(block, dict) and isinstance(block.get("type"), str) for block in blocks),
+                "messages[%d].content blocks must be objects with a 'type'." % index)
+        if message["role"] == "system":
+            chat.append({"role": "system", "content": anthropic_text(blocks, notes)})
+        elif message["role"] == "user":
+            chat.extend(anthropic_user(blocks, index, notes))
+        else:
+            chat.append(anthropic_assistant(blocks, index, state))
+    chat_body = {"model": DEFAULT_MODEL, "messages": chat, "stream": bool(body.get("stream"))}
+    tools = []
+    for tool in body.get("tools") or ():
+        require(isinstance(tool, dict) and isinstance(tool.get("name"), str), "Each tool needs a 'name'.")
+        if tool.get("type") not in (None, "custom"):
+            notes.append("tool %s (%s) dropped: DeepSeek cannot run it" % (tool["name"], tool.get("type")))
+            continue
+        function = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        tools.append({"type": "function", "function": function})
+    if tools:
+        chat_body["tools"] = tools
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and tools:
+        kind = choice.get("type")
+        if kind == "any":
+            chat_body["tool_choice"] = "required"
+        elif kind == "tool" and isinstance(choice.get("name"), str):
+            chat_body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+        elif kind in ("auto", "none"):
+            chat_body["tool_choice"] = kind
+    stops = body.get("stop_sequences")
+    if stops:
+        require(isinstance(stops, list) and all(isinstance(stop, str) for stop in stops),
+                "'stop_sequences' must be an array of strings.")
+        chat_body["stop"] = stops
+    return chat_body, notes
+
+
+def anthropic_user(blocks, index, notes):
+    """Chat messages for one Anthropic user message: its tool results first (each a tool message),
+    then whatever text it carries as a user message."""
+    results, rest = [], []
+    for block in blocks:
+        if block["type"] == "tool_result":
+            require(isinstance(block.get("tool_use_id"), str), "messages[%d]: tool_result needs tool_use_id." % index)
+            text = anthropic_text(block.get("content") or "", notes)
+            if block.get("is_error"):
+                text = "[error] " + text
+            results.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
+        elif block["type"] in ("text", "image"):
+            rest.append(block)
+    if rest or not results:
+        results.append({"role": "user", "content": anthropic_text(rest, notes)})
+    return results
+
+
+def anthropic_assistant(blocks, index, state):
+    message = {"role": "assistant", "content": None}
+    texts, calls = [], []
+    for block in blocks:
+        if block["type"] == "text":
+            texts.append(str(block.get("text", "")))
+        elif block["type"] == "tool_use":
+            require(isinstance(block.get("id"), str) and isinstance(block.get("name"), str),
+                    "messages[%d]: tool_use needs id and name." % index)
+            calls.append({"id": block["id"], "type": "function", "function": {
+                "name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+        elif block["type"] == "thinking":
+            reasoning = unseal(state, block.get("signature"))
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+    message["content"] = "".join(texts) or None
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+class AnthropicExchange(Exchange):
+    """One Messages request: DeepSeek's answer as Anthropic content blocks and events."""
+
+    def __init__(self, body, state):
+        self.state = state
+        self.chat_body, self.notes = anthropic_to_chat(body, state)
+        self.model = body.get("model") if isinstance(body.get("model"), str) else DEFAULT_MODEL
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.block = None  # (kind, index) of the open content block
+        self.blocks = 0
+        self.reasoning = []
+        self.calls = {}  # DeepSeek tool-call index -> our block index
+
+    def usage(self, usage):
+        usage = usage or {}
+        hit = usage.get("prompt_cache_hit_tokens") or 0
+        return {"input_tokens": max(0, (usage.get("prompt_tokens") or 0) - hit), "cache_read_input_tokens": hit,
+                "cache_creation_input_tokens": 0, "output_tokens": usage.get("completion_tokens") or 0}
+
+    def answer(self, raw, answer, collector):
+        message = collector.message()
+        content = []
+        if message.get("reasoning_content"):
+            content.append(self.thinking_block(message["reasoning_content"]))
+        if message.get("content"):
+            content.append({"type": "text", "text": message["content"]})
+        for call in message.get("tool_calls") or ():
+            content.append({"type": "tool_use", "id": call.get("id"), "name": call["function"]["name"],
+                            "input": parse_arguments(call["function"]["arguments"])})
+        result = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+                  "stop_reason": ANTHROPIC_STOP_REASONS.get(collector.finish_reason, "end_turn"),
+                  "stop_sequence": None, "usage": self.usage(collector.usage)}
+        return json.dumps(result, ensure_ascii=False).encode("utf-8")
+
+    def thinking_block(self, reasoning):
+        return {"type": "thinking", "thinking": reasoning, "signature": seal(self.state, reasoning)}
+
+    def stream_start(self):
+        return sse("message_start", {"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+                      "output_tokens": 0}}})
+
+    def open_block(self, kind, start):
+        out = self.close_block()
+        self.block = (kind, self.blocks)
+        self.blocks += 1
+        return out + sse("content_block_start", {"type": "content_block_start", "index": self.block[1],
+                                                 "content_block": start})
+
+    def close_block(self):
+        if self.block is None:
+            return b""
+        kind, index = self.block
+        out = b""
+        if kind == "thinking":
+            out += sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                "type": "signature_delta", "signature": seal(self.state, "".join(self.reasoning))}})
+        self.block = None
+        return out + sse("content_block_stop", {"type": "content_block_stop", "index": index})
+
+    def delta(self, payload):
+        return sse("content_block_delta", {"type": "content_block_delta", "index": self.block[1], "delta": payload})
+
+    def stream_event(self, raw, chunks):
+        out = b""
+        for chunk in chunks:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning_content"):
+                    if self.block is None or self.block[0] != "thinking":
+                        out += self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                    self.reasoning.append(delta["reasoning_content"])
+                    out += self.delta({"type": "thinking_delta", "thinking": delta["reasoning_content"]})
+                if delta.get("content"):
+                    if self.block is None or self.block[0] != "text":
+                        out += self.open_block("text", {"type": "text", "text": ""})
+                    out += self.delta({"type": "text_delta", "text": delta["content"]})
+                for call in delta.get("tool_calls") or ():
+                    number = call.get("index", 0)
+                    function = call.get("function") or {}
+                    if number not in self.calls:
+                        out += self.open_block("tool_use", {"type": "tool_use", "id": call.get("id"),
+                                                            "name": function.get("name"), "input": {}})
+                        self.calls[number] = self.block[1]
+                    if function.get("arguments"):
+                        out += self.delta({"type": "input_json_delta", "partial_json": function["arguments"]})
+        return out
+
+    def stream_keepalive(self, raw):
+        return sse("ping", {"type": "ping"})
+
+    def stream_end(self, collector):
+        return self.close_block() + sse("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": ANTHROPIC_STOP_REASONS.get(collector.finish_reason, "end_turn"),
+                      "stop_sequence": None},
+            "usage": self.usage(collector.usage)}) + sse("message_stop", {"type": "message_stop"})
+
+    def stream_error(self, message):
+        return self.close_block() + sse("error", {"type": "error", "error": {"type": "api_error", "message": message}})
+
+
+class AnthropicFront:
+    exchange = AnthropicExchange
+
+    @staticmethod
+    def error(status, message, code):
+        return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500
+                                                                           else "invalid_request_error"),
+                                           "message": message}}
+
+
+def count_tokens(body, state):
+    """POST /v1/messages/count_tokens: the estimate for the request as the client sent it (no call)."""
+    chat_body, _notes = anthropic_to_chat(body, state)
+    ctx = RequestContext(chat_body, state)
+    return {"input_tokens": ctx.prompt_tokens(chat_body["messages"])}
+
+
+# -- OpenAI Responses ----------------------------------------------------------------------------------
+
+BUILT_IN_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use_preview", "computer",
+                  "image_generation", "code_interpreter", "local_shell", "mcp", "shell", "tool_search")
+NAMESPACE_SEPARATOR = "__"
+
+
+class ResponseStore:
+    """Responses kept for previous_response_id (store: true): the chat history through the answer,
+    and the response object. Bounded by count (RESPONSES_STORE_SIZE) and bytes (MAX_RESPONSES_BYTES)."""
+
+    def __init__(self, capacity, max_bytes):
+        self.capacity, self.max_bytes = max(1, capacity), max_bytes
+        self.items = collections.OrderedDict()  # id -> (size, entry)
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, response_id, entry):
+        size = len(json.dumps(entry))
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            self.items[response_id] = (size, entry)
+            self.bytes += size
+            while len(self.items) > self.capacity or self.bytes > self.max_bytes:
+                _key, (old, _entry) = self.items.popitem(last=False)
+                self.bytes -= old
+
+    def get(self, response_id):
+        with self._lock:
+            found = self.items.get(response_id)
+            if found is None:
+                return None
+            self.items.move_to_end(response_id)
+            return found[1]
+
+
+def responses_text(content, notes):
+    if isinstance(content, str):
+        return content
+    pieces = []
+    for part in content or ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") in ("input_text", "output_text", "text", "refusal"):
+            pieces.append(str(part.get("text", part.get("refusal", ""))))
+        elif part.get("type") in ("input_image", "image"):
+            notes.append("image replaced by a note")
+            pieces.append(IMAGE_NOTE)
+        elif part.get("type") == "input_file":
+            notes.append("file input replaced by a note")
+            pieces.append("[file omitted: the proxy cannot pass files to DeepSeek]")
+    return "\n".join(pieces)
+
+
+class ResponsesTools:
+    """The Responses tools as chat functions: function tools as they are, namespace tools flattened
+    to namespace__name, custom (freeform) tools as a function of one string argument `input`; the
+    built-in tools DeepSeek cannot run are dropped with a note. Maps DeepSeek's calls back."""
+
+    def __init__(self, tools, notes):
+        self.functions, self.kinds = [], {}  # flat name -> (kind, namespace, name)
+        for tool in tools or ():
+            require(isinstance(tool, dict) and isinstance(tool.get("type"), str), "Each tool needs a 'type'.")
+            if tool["type"] == "namespace":
+                for inner in tool.get("tools") or ():
+                    self.add(inner, tool.get("name"), notes)
+            elif tool["type"] in ("function", "custom"):
+                self.add(tool, None, notes)
+            else:
+                notes.append("built-in tool %s dropped: DeepSeek cannot run it" % tool["type"])
+
+    def add(self, tool, namespace, notes):
+        require(isinstance(tool, dict) and isinstance(tool.get("name"), str), "Each function tool needs a 'name'.")
+        flat = (namespace + NAMESPACE_SEPARATOR if namespace else "") + tool["name"]
+        if tool.get("type") == "custom":
+            grammar = tool.get("format") or {}
+            description = (tool.get("description") or "") + (
+                "\nPass the tool's whole input, as raw text, in the string argument `input`." +
+                ("\nThe input must follow this %s grammar:\n%s" % (grammar.get("syntax", ""), grammar.get("definition"))
+                 if grammar.get("definition") else ""))
+            parameters = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+            self.kinds[flat] = ("custom", namespace, tool["name"])
+        else:
+            description = tool.get("description") or ""
+            parameters = tool.get("parameters") or {"type": "object", "properties": {}}
+            self.kinds[flat] = ("function", namespace, tool["name"])
+        function = {"name": flat, "parameters": parameters}
+        if description:
+            function["description"] = description
+        self.functions.append({"type": "function", "function": function})
+
+    def flat(self, name, namespace):
+        return (namespace + NAMESPACE_SEPARATOR if namespace else "") + name
+
+    def item(self, call, item_id):
+        """The Responses output item for one of DeepSeek's tool calls."""
+        flat = call["function"]["name"] or ""
+        kind, namespace, name = self.kinds.get(flat, ("function", None, flat))
+        if kind == "custom":
+            item = {"type": "custom_tool_call", "id": item_id, "call_id": call.get("id"), "name": name,
+                    "input": str(parse_arguments(call["function"]["arguments"]).get("input", "")),
+                    "status": "completed"}
+        else:
+            item = {"type": "function_call", "id": item_id, "call_id": call.get("id"), "name": name,
+                    "arguments": call["function"]["arguments"] or "{}", "status": "completed"}
+        if namespace:
+            item["namespace"] = namespace
+        return item
+
+
+def responses_to_chat(body, state, tools, notes):
+    """The chat messages for a Responses request: instructions, the stored history of
+    previous_response_id, then the input items."""
+    messages = []
+    instructions = body.get("instructions")
+    if instructions:
+        require(isinstance(instructions, str), "'instructions' must be a string.")
+        messages.append({"role": "system", "content": instructions})
+    previous = body.get("previous_response_id")
+    history = []
+    if previous is not None:
+        stored = state.responses.get(previous) if isinstance(previous, str) else None
+        if stored is None:
+            raise ClientError(400, "Previous response with id '%s' not found." % str(previous)[:100],
+                              "previous_response_not_found")
+        history = [dict(message) for message in stored["history"]]
+    items = body.get("input")
+    if isinstance(items, str):
+        items = [{"type": "message", "role": "user", "content": items}]
+    require(isinstance(items, list), "'input' must be a string or an array of items.")
+    turn = {}  # the assistant message being gathered from reasoning, message and call items
+
+    def flush():
+        if turn:
+            history.append(dict({"role": "assistant", "content": None}, **turn))
+            turn.clear()
+
+    for index, item in enumerate(items):
+        require(isinstance(item, dict), "input[%d] must be an object." % index)
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            require(role in ("user", "assistant", "system", "developer"),
+                    "input[%d].role must be user, assistant, system or developer." % index)
+            text = responses_text(item.get("content"), notes)
+            if role == "assistant":
+                if turn.get("content") is not None or turn.get("tool_calls"):
+                    flush()
+                turn["content"] = (turn.get("content") or "") + text
+            else:
+                flush()
+                history.append({"role": role, "content": text})
+        elif kind == "reasoning":
+            if turn:
+                flush()
+            reasoning = unseal(state, item.get("encrypted_content"))
+            if reasoning is not None:
+                turn["reasoning_content"] = reasoning
+        elif kind in ("function_call", "custom_tool_call"):
+            require(isinstance(item.get("call_id"), str) and isinstance(item.get("name"), str),
+                    "input[%d] needs call_id and name." % index)
+            name = tools.flat(item["name"], item.get("namespace"))
+            arguments = item.get("arguments") if kind == "function_call" else \
+                json.dumps({"input": item.get("input", "")}, ensure_ascii=False)
+            turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
+                "name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        elif kind in ("function_call_output", "custom_tool_call_output"):
+            require(isinstance(item.get("call_id"), str), "input[%d] needs call_id." % index)
+            flush()
+            output = item.get("output")
+            history.append({"role": "tool", "tool_call_id": item["call_id"],
+                            "content": output if isinstance(output, str) else responses_text(output, notes)})
+        else:
+            notes.append("input item %s dropped" % str(kind)[:40])
+    flush()
+    return messages, history
+
+
+class ResponsesExchange(Exchange):
+    """One Responses request: DeepSeek's answer as output items and response.* events."""
+
+    def __init__(self, body, state):
+        require(isinstance(body, dict), "The request body must be a JSON object.")
+        self.state, self.body, self.notes = state, body, []
+        self.tools = ResponsesTools(body.get("tools"), self.notes)
+        instructions, self.history = responses_to_chat(body, state, self.tools, self.notes)
+        require(instructions or self.history, "'input' must not be empty.")
+        self.chat_body = {"model": DEFAULT_MODEL, "messages": instructions + self.history,
+                          "stream": bool(body.get("stream"))}
+        if self.tools.functions:
+            self.chat_body["tools"] = self.tools.functions
+            choice = body.get("tool_choice")
+            if choice in ("auto", "none", "required"):
+                self.chat_body["tool_choice"] = choice
+            elif isinstance(choice, dict) and isinstance(choice.get("name"), str):
+                self.chat_body["tool_choice"] = {"type": "function", "function": {
+                    "name": self.tools.flat(choice["name"], choice.get("namespace"))}}
+        text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+        if isinstance(text_format, dict) and text_format.get("type") in ("json_object", "json_schema"):
+            self.chat_body["response_format"] = {"type": "json_object"}
+            if text_format["type"] == "json_schema":
+                self.notes.append("json_schema sent as json_object")
+        self.id = "resp_" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.sequence = itertools.count()
+        self.encrypted = "reasoning.encrypted_content" in (body.get("include") or ()) or body.get("store") is False
+        self.items = []  # output items being streamed: dicts with "kind", "item", "index"
+        self.text = []
+        self.reasoning = []
+        self.calls = {}  # DeepSeek tool-call index -> streamed item
+
+    # -- whole answers
+
+    def output(self, message):
+        items = []
+        if message.get("reasoning_content"):
+            items.append(self.reasoning_item("rs_" + uuid.uuid4().hex[:24], message["reasoning_content"]))
+        if message.get("content"):
+            items.append(self.message_item("msg_" + uuid.uuid4().hex[:24], message["content"]))
+        for call in message.get("tool_calls") or ():
+            items.append(self.tools.item(call, "fc_" + uuid.uuid4().hex[:24]))
+        return items
+
+    def reasoning_item(self, item_id, reasoning):
+        item = {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": reasoning}]}
+        if self.encrypted:
+            item["encrypted_content"] = seal(self.state, reasoning)
+        return item
+
+    @staticmethod
+    def message_item(item_id, text, status="completed"):
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}] if text is not None else []}
+
+    def response(self, status, output, usage=None, error=None):
+        usage = usage or {}
+        result = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                  "model": self.body.get("model") if isinstance(self.body.get("model"), str) else DEFAULT_MODEL,
+                  "output": output, "parallel_tool_calls": True, "tool_choice": self.body.get("tool_choice", "auto"),
+                  "tools": self.body.get("tools") or [], "store": self.body.get("store", True) is not False,
+                  "previous_response_id": self.body.get("previous_response_id"),
+                  "instructions": self.body.get("instructions"), "error": error, "incomplete_details": None,
+                  "metadata": self.body.get("metadata") or {}, "text": {"format": {"type": "text"}},
+                  "usage": None}
+        if status == "incomplete":
+            result["incomplete_details"] = {"reason": "max_output_tokens"}
+        if usage:
+            result["usage"] = {
+                "input_tokens": usage.get("prompt_tokens") or 0,
+                "input_tokens_details": {"cached_tokens": usage.get("prompt_cache_hit_tokens") or 0},
+                "output_tokens": usage.get("completion_tokens") or 0,
+                "output_tokens_details": {"reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
+                    "reasoning_tokens") or 0},
+                "total_tokens": usage.get("total_tokens") or 0}
+        return result
+
+    def status(self, collector):
+        return "incomplete" if collector.finish_reason == "length" else "completed"
+
+    def answer(self, raw, answer, collector):
+        self.final = self.response(self.status(collector), self.output(collector.message()), collector.usage)
+        return json.dumps(self.final, ensure_ascii=False).encode("utf-8")
+
+    # -- streams
+
+    def event(self, kind, payload):
+        payload = dict(payload, type=kind, sequence_number=next(self.sequence))
+        return sse(kind, payload)
+
+    def stream_start(self):
+        created = self.response("in_progress", [])
+        return self.event("response.created", {"response": created}) + \
+            self.event("response.in_progress", {"response": created})
+
+    def open_item(self, kind, item):
+        out = self.close_item()
+        entry = {"kind": kind, "item": item, "index": len(self.items)}
+        self.items.append(entry)
+        out += self.event("response.output_item.added", {"output_index": entry["index"], "item": item})
+        if kind == "reasoning":
+            out += self.event("response.reasoning_summary_part.added", {
+                "item_id": item["id"], "output_index": entry["index"], "summary_index": 0,
+                "part": {"type": "summary_text", "text": ""}})
+        elif kind == "message":
+            out += self.event("response.content_part.added", {
+                "item_id": item["id"], "output_index": entry["index"], "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}})
+        return out
+
+    def current(self):
+        return self.items[-1] if self.items and not self.items[-1].get("done") else None
+
+    def close_item(self):
+        entry = self.current()
+        if entry is None:
+            return b""
+        entry["done"] = True
+        item, index, out = entry["item"], entry["index"], b""
+        if entry["kind"] == "reasoning":
+            text = "".join(self.reasoning)
+            out += self.event("response.reasoning_summary_text.done", {
+                "item_id": item["id"], "output_index": index, "summary_index": 0, "text": text})
+            out += self.event("response.reasoning_summary_part.done", {
+                "item_id": item["id"], "output_index": index, "summary_index": 0,
+                "part": {"type": "summary_text", "text": text}})
+            entry["item"] = item = self.reasoning_item(item["id"], text)
+        elif entry["kind"] == "message":
+            text = "".join(self.text)
+            out += self.event("response.output_text.done", {
+                "item_id": item["id"], "output_index": index, "content_index": 0, "text": text})
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out += self.event("response.content_part.done", {
+                "item_id": item["id"], "output_index": index, "content_index": 0, "part": part})
+            entry["item"] = item = self.message_item(item["id"], text)
+        else:
+            call = entry["call"]
+            item = entry["item"] = self.tools.item(call, item["id"])
+            if item["type"] == "custom_tool_call":
+                out += self.event("response.custom_tool_call_input.delta", {
+                    "item_id": item["id"], "output_index": index, "delta": item["input"]})
+                out += self.event("response.custom_tool_call_input.done", {
+                    "item_id": item["id"], "output_index": index, "input": item["input"]})
+            else:
+                out += self.event("response.function_call_arguments.done", {
+                    "item_id": item["id"], "output_index": index, "arguments": item["arguments"]})
+        return out + self.event("response.output_item.done", {"output_index": index, "item": item})
+
+    def stream_event(self, raw, chunks):
+        out = b""
+        for chunk in chunks:
+            for choice in chunk.get("choices") or ():
+                delta = choice.get("delta") or {}
+                entry = self.current()
+                if delta.get("reasoning_content"):
+                    if entry is None or entry["kind"] != "reasoning":
+                        out += self.open_item("reasoning", {"type": "reasoning", "id": "rs_" + uuid.uuid4().hex[:24],
+                                                            "summary": []})
+                        entry = self.current()
+                    self.reasoning.append(delta["reasoning_content"])
+                    out += self.event("response.reasoning_summary_text.delta", {
+                        "item_id": entry["item"]["id"], "output_index": entry["index"], "summary_index": 0,
+                        "delta": delta["reasoning_content"]})
+                if delta.get("content"):
+                    if entry is None or entry["kind"] != "message":
+                        out += self.open_item("message", self.message_item("msg_" + uuid.uuid4().hex[:24], None,
+                                                                           "in_progress"))
+                        entry = self.current()
+                    self.text.append(delta["content"])
+                    out += self.event("response.output_text.delta", {
+                        "item_id": entry["item"]["id"], "output_index": entry["index"], "content_index": 0,
+                        "delta": delta["content"]})
+                for call in delta.get("tool_calls") or ():
+                    out += self.tool_call_delta(call)
+        return out
+
+    def tool_call_delta(self, call):
+        number = call.get("index", 0)
+        function = call.get("function") or {}
+        entry = self.calls.get(number)
+        out = b""
+        if entry is None:
+            slot = {"id": call.get("id"), "type": "function", "function": {"name": function.get("name"), "arguments": ""}}
+            kind = self.tools.kinds.get(function.get("name") or "", ("function",))[0]
+            item = self.tools.item(slot, "fc_" + uuid.uuid4().hex[:24])
+            if kind == "custom":
+                item["input"] = ""
+            else:
+                item["arguments"] = ""
+            item["status"] = "in_progress"
+            out += self.open_item(kind, item)
+            entry = self.calls[number] = self.current()
+            entry["call"] = slot
+        entry["call"]["function"]["arguments"] += function.get("arguments") or ""
+        if function.get("arguments") and entry["kind"] == "function":
+            out += self.event("response.function_call_arguments.delta", {
+                "item_id": entry["item"]["id"], "output_index": entry["index"], "delta": function["arguments"]})
+        return out
+
+    def stream_end(self, collector):
+        out = self.close_item()
+        self.final = self.response(self.status(collector), [entry["item"] for entry in self.items], collector.usage)
+        kind = "response.completed" if self.final["status"] == "completed" else "response.incomplete"
+        return out + self.event(kind, {"response": self.final})
+
+    def stream_error(self, message):
+        failed = self.response("failed", [entry["item"] for entry in self.items if entry.get("done")],
+                               error={"code": "server_error", "message": message})
+        return self.close_item() + self.event("response.failed", {"response": failed})
+
+    def finished(self, prepared, collector, outcome):
+        if outcome.status != 200 or self.body.get("store") is False or not hasattr(self, "final"):
+            return
+        answer = collector.message()
+        self.state.responses.put(self.id, {"history": self.history + [answer], "response": self.final})
+
+
+class ResponsesFront:
+    exchange = ResponsesExchange
+
+    @staticmethod
+    def error(status, message, code):
+        error = chat_error(status, message, code)
+        if code == "previous_response_not_found":
+            error["error"]["param"] = "previous_response_id"
+        return error
 
 
 # =====================================================================================================
@@ -2393,6 +3146,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.reserved = 0
         self.cors_origin = None
         self.head_only = False
+        self.front = ChatFront
 
     def handle_one_request(self):
         """Wait up to IDLE_TIMEOUT for a request to begin, then give its headers and body
@@ -2407,7 +3161,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.connection.settimeout(CLIENT_TIMEOUT)
         self.deadline = self.server.deadlines.arm(self.connection, CLIENT_TIMEOUT)
-        self.cors_origin, self.head_only = None, False
+        self.cors_origin, self.head_only, self.front = None, False, ChatFront
         try:
             super().handle_one_request()
         finally:
@@ -2431,8 +3185,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         path = self.route()
         if path in MODEL_PATHS:
-            self.send_json(200, {"object": "list", "data": [
-                {"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "deepseek"}]})
+            self.send_json(200, {"object": "list", "data": [model_entry(DEFAULT_MODEL)], "has_more": False,
+                                 "first_id": DEFAULT_MODEL, "last_id": DEFAULT_MODEL})
+        elif path.startswith(tuple(prefix + "/" for prefix in MODEL_PATHS)):
+            self.send_json(200, model_entry(path.rsplit("/", 1)[1]))
+        elif path.startswith(tuple(prefix + "/" for prefix in RESPONSES_PATHS)):
+            stored = self.state.responses.get(path.rsplit("/", 1)[1])
+            if stored is None:
+                self.send_error_json(404, "No response with id %r is stored." % path.rsplit("/", 1)[1][:100],
+                                     "not_found")
+            else:
+                self.send_json(200, stored["response"])
         elif path == "/health":
             self.send_json(200, {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE,
                                  "model": DEFAULT_MODEL, "api_key_configured": bool(self.state.api_key)})
@@ -2455,7 +3218,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         path = self.route()
         if path in CHAT_PATHS:
-            self.with_client_errors(self.handle_chat)
+            self.with_client_errors(lambda: self.handle_api(ChatFront))
+        elif path in MESSAGES_PATHS:
+            self.with_client_errors(lambda: self.handle_api(AnthropicFront))
+        elif path in RESPONSES_PATHS:
+            self.with_client_errors(lambda: self.handle_api(ResponsesFront))
+        elif path in COUNT_TOKENS_PATHS:
+            self.front = AnthropicFront
+            self.with_client_errors(self.handle_count_tokens)
         elif path in MODEL_PATHS or path in ("/health", "/stats"):
             self.discard_body()
             self.send_error_json(405, "Use GET for %s." % path, "method_not_allowed")
@@ -2532,40 +3302,53 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return None
 
     def check_proxy_key(self):
-        if PROXY_KEY and not hmac_equal(bearer_token(self.headers.get("Authorization")), PROXY_KEY):
+        """With --proxy-key, the client must send it: as a bearer token, or as x-api-key (Anthropic)."""
+        given = bearer_token(self.headers.get("Authorization")) or (self.headers.get("x-api-key") or "").strip()
+        if PROXY_KEY and not hmac_equal(given, PROXY_KEY):
             self.discard_body()
             raise ClientError(401, "Invalid proxy key: send the key set with --proxy-key as the bearer token.",
                               "invalid_api_key")
 
-    # -- chat completions: parse -> prepare -> forward -> relay -> settle -> record
+    # -- the API routes: parse -> translate -> prepare -> forward -> relay -> settle -> record
 
-    def handle_chat(self):
+    def handle_api(self, front):
+        self.front = front
         self.check_proxy_key()
         body = self.read_json_body()
         if not self.state.api_key:
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
-        prepared = prepare(body, self.state)
-        collector = failure = None
+        exchange = front.exchange(body, self.state)
+        prepared = prepare(exchange.chat_body, self.state)
+        prepared.ctx.notes.extend(exchange.notes)
+        collector = failure = outcome = None
         client_gone = False
         try:
             response = open_upstream(self.state, prepared.upstream_body)
             collector = AnswerCollector()
             if prepared.upstream_body.get("stream"):
-                client_gone = self.relay_stream(response, prepared, collector)
+                client_gone = self.relay_stream(response, prepared, collector, exchange)
             else:
-                self.relay_json(response, prepared, collector)
+                self.relay_json(response, prepared, collector, exchange)
         except UpstreamError as error:
             failure = error
             headers = dict(self.proxy_headers(prepared.ctx))
             if error.retry_after is not None:
                 headers["Retry-After"] = str(int(error.retry_after + 0.999))
-            self.send_json(error.status, error.body, headers)
+            payload = error.body if front is ChatFront else front.error(
+                error.status, error.message(), (error.body.get("error") or {}).get("code") or "upstream_error")
+            self.send_json(error.status, payload, headers)
         finally:
             outcome = settle(prepared, collector, failure, client_gone)
+            if outcome.status == 200:
+                exchange.finished(prepared, collector, outcome)
             record(self.state, prepared, outcome, self.route())
 
-    def relay_json(self, response, prepared, collector):
+    def handle_count_tokens(self):
+        self.check_proxy_key()
+        self.send_json(200, count_tokens(self.read_json_body(), self.state))
+
+    def relay_json(self, response, prepared, collector, exchange):
         try:
             with response:
                 raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
@@ -2577,10 +3360,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             collector.feed_response(answer)
         collector.done = True
         answer_ended(prepared, collector)
-        self.send_body(200, raw.strip(), "application/json", self.proxy_headers(prepared.ctx, collector.usage))
+        self.send_body(200, exchange.answer(raw.strip(), answer, collector), "application/json",
+                       self.proxy_headers(prepared.ctx, collector.usage))
 
-    def relay_stream(self, response, prepared, collector):
-        """Relay each SSE event the moment its blank line arrives, parsing it on the way; the
+    def relay_stream(self, response, prepared, collector, exchange):
+        """Relay each SSE event the moment its blank line arrives, translated by the front; the
         answer hooks run before the event that completes the answer is written. Returns True when
         the client went away."""
         self.send_response(200)
@@ -2593,31 +3377,34 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         block, size = [], 0
         try:
+            self.write_chunk(exchange.stream_start())
             with response:
                 while True:
                     try:
                         line = response.readline(MAX_UPSTREAM_EVENT_BYTES + 1)
                     except (OSError, ValueError, http.client.HTTPException) as error:
-                        self.end_stream_with_error(prepared, collector, "DeepSeek's stream broke off: %s" % error)
+                        self.end_stream_with_error(prepared, collector, exchange,
+                                                   "DeepSeek's stream broke off: %s" % error)
                         break
                     size += len(line)
                     if size > MAX_UPSTREAM_EVENT_BYTES:
-                        self.end_stream_with_error(prepared, collector, "DeepSeek sent an event over %d bytes."
-                                                   % MAX_UPSTREAM_EVENT_BYTES)
+                        self.end_stream_with_error(prepared, collector, exchange,
+                                                   "DeepSeek sent an event over %d bytes." % MAX_UPSTREAM_EVENT_BYTES)
                         break
                     if not line:
                         if block:  # the last event lacked its blank line
-                            self.relay_event(prepared, collector, b"".join(block) + b"\n")
+                            self.relay_event(prepared, collector, exchange, b"".join(block) + b"\n")
                         if not collector.complete:
-                            self.end_stream_with_error(prepared, collector, "DeepSeek closed the stream before its end.")
+                            self.end_stream_with_error(prepared, collector, exchange,
+                                                       "DeepSeek closed the stream before its end.")
                         break
                     if line.strip():
                         block.append(line)
                         continue
                     if block:
-                        self.relay_event(prepared, collector, b"".join(block) + line)
+                        self.relay_event(prepared, collector, exchange, b"".join(block) + line)
                         block, size = [], 0
-            self.write_chunk(b"")
+            self.end_chunks()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
             log.info("[%s] client went away mid-stream (%s); upstream closed", prepared.ctx.request_id,
                      type(error).__name__)
@@ -2625,21 +3412,41 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return True
         return False
 
-    def relay_event(self, prepared, collector, event):
-        collector.feed_event(event)
+    def relay_event(self, prepared, collector, exchange, event):
+        """One upstream SSE event: parsed, fed to the collector, translated, written."""
+        chunks, ended = [], False
+        for line in event.splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                collector.done = ended = True
+                continue
+            try:
+                chunk = json.loads(data)
+                collector.feed_chunk(chunk)
+                chunks.append(chunk)
+            except (ValueError, TypeError, AttributeError, KeyError):
+                continue  # an odd chunk is still relayed as it came; it just is not understood
         answer_ended(prepared, collector)  # no-op until the answer is complete
-        self.write_chunk(event)
+        if not chunks and not ended:
+            self.write_chunk(exchange.stream_keepalive(event))
+            return
+        out = exchange.stream_event(event, chunks)
+        if ended:
+            out += exchange.stream_end(collector)
+        self.write_chunk(out)
 
-    def end_stream_with_error(self, prepared, collector, message):
-        """After a 200 has gone out the only way to report a failure is an SSE error event, which
-        the OpenAI SDKs raise as APIError. A stream that had already finished just gets its [DONE]."""
+    def end_stream_with_error(self, prepared, collector, exchange, message):
+        """After a 200 has gone out the only way to report a failure is an error event (the OpenAI
+        SDKs raise APIError; Anthropic's an error event). A stream that had already finished just
+        gets its end."""
         if collector.finish_reason:
             collector.done = True
-            self.write_chunk(b"data: [DONE]\n\n")
+            self.write_chunk(exchange.stream_event(b"data: [DONE]\n\n", []) + exchange.stream_end(collector))
             return
         log.warning("[%s] %s", prepared.ctx.request_id, message)
-        event = json.dumps(error_body(message, "upstream_error", "upstream_stream_error"))
-        self.write_chunk(b"data: " + event.encode("utf-8") + b"\n\n")
+        self.write_chunk(exchange.stream_error(message))
         self.close_connection = True
 
     # -- plumbing
@@ -2740,7 +3547,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         super().end_headers()
 
     def write_chunk(self, data):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        """One chunk of a chunked body, sent at once; empty data writes nothing (end_chunks ends)."""
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def end_chunks(self):
+        self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
     def send_body(self, status, data, content_type, headers=None):
@@ -2761,7 +3574,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                        "application/json", headers)
 
     def send_error_json(self, status, message, code, headers=None):
-        self.send_json(status, chat_error(status, message, code), headers)
+        self.send_json(status, self.front.error(status, message, code), headers)
+
+
+def model_entry(name):
+    """One model as both OpenAI's and Anthropic's model lists describe it; any name the client uses
+    is served by DEFAULT_MODEL."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "deepseek", "type": "model",
+            "display_name": "%s (served by %s)" % (name, DEFAULT_MODEL) if name != DEFAULT_MODEL else name,
+            "created_at": "2026-01-01T00:00:00Z"}
 
 
 def bearer_token(header):
@@ -2870,6 +3691,7 @@ class ProxyState:
         self.stats = Stats()
         self.stats_path = path("stats.json", PERSIST_STATS)
         self.dumps = MessageDumps(self.data_dir)
+        self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
 
     def summarise(self, messages, max_tokens, tools=None, thinking=False):
         return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)

@@ -235,6 +235,21 @@ class ProxyTestCase(unittest.TestCase):
         return proxy
 
 
+def assert_upstream_reasoning_exact(test, fake, at_least=3):
+    """Every assistant turn the fake DeepSeek received carries the reasoning it produced for that
+    turn (found by the turn's first tool-call id, or its text)."""
+    def key(message):
+        return message["tool_calls"][0]["id"] if message.get("tool_calls") else (message["content"] or "").strip()
+    produced = {key(answer): answer["reasoning_content"] for answer in fake.answers}
+    checked = 0
+    for request in fake.requests:
+        for message in request["messages"]:
+            if message["role"] == "assistant":
+                test.assertEqual(message.get("reasoning_content"), produced[key(message)])
+                checked += 1
+    test.assertGreaterEqual(checked, at_least)
+
+
 def run_in_threads(function, count):
     """Run function(i) in `count` threads at once; re-raise the first failure."""
     errors, results = [], [None] * count

@@ -57,14 +57,14 @@ def malformed_bodies(rng):
 
 
 class BadInput(ProxyTestCase):
-    proxy_args = ("--max-request-bytes", "100000", "--client-timeout", "1", "--log-level", "WARNING")
+    proxy_args = ("--max-request-bytes", "100000", "--client-timeout", "0.5", "--log-level", "WARNING")
 
     def test_fuzz_never_gets_a_5xx_from_the_proxy(self):
         rng = random.Random(1234)
         bodies = malformed_bodies(rng)
         connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
         statuses = {}
-        for _ in range(2000):
+        for _ in range(1000):
             body = next(bodies)
             try:
                 connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -81,7 +81,7 @@ class BadInput(ProxyTestCase):
             if response.getheader("Connection", "") == "close":
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
-        self.assertGreater(statuses.get(400, 0), 500)
+        self.assertGreater(statuses.get(400, 0), 250)
         self.assertNotIn("Traceback", self.proxy.log())
         status, _, _ = self.proxy.chat({"model": "x", "messages": [{"role": "user", "content": "still there?"}]})
         self.assertEqual(status, 200)
@@ -219,13 +219,13 @@ class NoLockAcrossUpstreamCalls(ProxyTestCase):
     proxy_args = ("--system-min-chars", "1000")
 
     def test_requests_go_on_while_a_summary_call_is_slow(self):
-        self.fake.summary_delay = 1.5
+        self.fake.summary_delay = 0.8
         long_system = {"role": "system", "content": "Always do the right thing. " * 100}
         started = time.monotonic()
         statuses = run_in_threads(lambda i: self.proxy.chat({"model": "x", "messages": [
             long_system, {"role": "user", "content": "q%d" % i}]})[0], 8)
         self.assertEqual(statuses, [200] * 8)
-        self.assertLess(time.monotonic() - started, 1.0, "nobody waited for the summary call")
+        self.assertLess(time.monotonic() - started, 0.5, "nobody waited for the summary call")
 
 
 class AtomicFiles(ProxyTestCase):
@@ -291,7 +291,7 @@ class Access(ProxyTestCase):
 class Shutdown(ProxyTestCase):
     def test_sigterm_lets_a_stream_finish(self):
         self.proxy = self.start_proxy(process=True)
-        self.fake.chunk_delay = 0.2
+        self.fake.chunk_delay = 0.1
         self.fake.responder = lambda body, n: Answer(content="abcdefghijklmno", reasoning="r")
         connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
         connection.request("POST", "/v1/chat/completions", json.dumps(

@@ -6,7 +6,7 @@ import os
 import unittest
 import uuid
 
-from helpers import API_KEY, ProxyTestCase, assemble_stream, run_in_threads, sse_data, wait_for
+from helpers import API_KEY, ProxyTestCase, assert_upstream_reasoning_exact, assemble_stream, run_in_threads, sse_data, wait_for
 import deepseek_proxy as proxy_module
 from fake_deepseek import Answer
 
@@ -85,24 +85,8 @@ class ReasoningLoop(ProxyTestCase):
         super().setUp()
         self.fake.responder = agent_responder
 
-    def produced_reasoning(self):
-        """What the fake itself produced: first tool-call id or answer text -> reasoning."""
-        produced = {}
-        for answer in self.fake.answers:
-            key = answer["tool_calls"][0]["id"] if answer.get("tool_calls") else answer["content"].strip()
-            produced[key] = answer["reasoning_content"]
-        return produced
-
     def assert_upstream_got_exact_reasoning(self):
-        produced = self.produced_reasoning()
-        checked = 0
-        for request in self.fake.requests:
-            for message in request["messages"]:
-                if message["role"] == "assistant":
-                    key = message["tool_calls"][0]["id"] if message.get("tool_calls") else message["content"]
-                    self.assertEqual(message["reasoning_content"], produced[key])
-                    checked += 1
-        self.assertGreater(checked, 0)
+        assert_upstream_reasoning_exact(self, self.fake, at_least=1)
 
     def test_tool_loop_succeeds_through_the_proxy(self):
         for stream in (False, True):

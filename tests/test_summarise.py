@@ -161,11 +161,11 @@ class BackgroundWatermark(ProxyTestCase):
 
     def test_the_summary_is_ready_when_the_budget_is_crossed(self):
         self.fake.responder = agent_responder
-        self.fake.summary_delay = 0.3
+        self.fake.summary_delay = 0.2
         conversation = Conversation(self.proxy)
         latencies, calls_at = [], []
         for _ in range(40):
-            time.sleep(0.15)  # the agent runs its tool between requests
+            time.sleep(0.1)  # the agent runs its tool between requests
             started = time.monotonic()
             conversation.step()
             latencies.append(time.monotonic() - started)
@@ -177,7 +177,7 @@ class BackgroundWatermark(ProxyTestCase):
             self.fail("never summarised")
         self.assertEqual(calls_at[-1], 1, "one summary call, made before the crossing")
         self.assertIn("started in the background", self.proxy.log())
-        self.assertLess(max(latencies), 0.25, "no request waited for the 0.3 s summary call")
+        self.assertLess(max(latencies), 0.15, "no request waited for the 0.2 s summary call")
         conversation.step()
         following = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
         self.assertEqual(following[:len(sent)], sent, "the next request keeps the same bytes")
