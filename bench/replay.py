@@ -33,13 +33,14 @@ from fake_deepseek import CHARS_PER_TOKEN, PrefixCache, render_message  # noqa: 
 from report import Report  # noqa: E402
 from sessions import SESSIONS  # noqa: E402
 
-OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
+OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, NEAR_DUPLICATES=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
            SUMMARISE=False, MIN_SEGMENT_CHARS=0, SUMMARY_WATERMARK=0.7)
 CONFIGS = {
     "baseline": OFF,
     "dedup_boilerplate": dict(OFF, DEDUP_BOILERPLATE=True),
     "dedup_boilerplate+paragraphs": dict(OFF, DEDUP_BOILERPLATE=True, MIN_SEGMENT_CHARS=400),
     "dedup_tool_outputs": dict(OFF, DEDUP_TOOL_OUTPUTS=True),
+    "near_duplicates": dict(OFF, NEAR_DUPLICATES=True),
     "markdown=first": dict(OFF, MARKDOWN_DEDUP="first"),
     "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
     "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),
@@ -86,6 +87,24 @@ def prompt_text(messages, tools):
     return (json.dumps(tools, sort_keys=True) if tools else "") + "".join(render_message(m) for m in messages)
 
 
+def repeated_line_chars(messages, tools=None):
+    """(characters of tool and user messages, characters of their lines of 20+ characters that the
+    same request already carried earlier): what near-duplicate content still costs."""
+    seen, total, repeated = set(), 0, 0
+    for message in messages:
+        text = proxy.content_text(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            text += "\n" + call["function"]["arguments"]
+        counted = message["role"] in ("tool", "user")
+        for line in text.split("\n"):
+            if counted:
+                total += len(line) + 1
+                if len(line) >= 20 and line in seen:
+                    repeated += len(line) + 1
+            seen.add(line)
+    return total, repeated
+
+
 def replay(session, settings):
     """Bill one session under one configuration; returns a dict of totals. The requests go through
     the proxy's own request core (prepare, then settle with the scripted answer), in this process."""
@@ -97,7 +116,7 @@ def replay(session, settings):
     del SUMMARY_COSTS[:]
     cache = CURRENT_CACHE[0] = PrefixCache()
     totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0,
-                  largest=0)
+                  largest=0, chars=0, message_chars=0, repeated_chars=0)
     try:
         for request in session.requests:
             state.wait_idle()  # background summaries are ready by the next request
@@ -106,7 +125,11 @@ def replay(session, settings):
             prepared = proxy.prepare(body, state)
             totals["pipeline_s"] += time.perf_counter() - started
             messages = prepared.upstream_body["messages"]
+            message_chars, repeated = repeated_line_chars(messages)
+            totals["message_chars"] += message_chars
+            totals["repeated_chars"] += repeated
             text = prompt_text(messages, request["tools"])
+            totals["chars"] += len(text)
             prompt, hit = tokens(text), cache.lookup(text)
             hit = min(hit, prompt)
             cache.remember(text)

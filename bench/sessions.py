@@ -11,6 +11,8 @@ the same seed gives the same bytes.
              user and tool message (only time and cost change), line-numbered file reads.
     aider    Aider: no tools, every request re-sends the chat files fenced after the history, a
              repo map, SEARCH/REPLACE answers quoting code.
+    *-rereads  an agent fixing code in each client's shape (rereads_session): files read whole and in
+             overlapping ranges, edited, re-read, and a test suite re-run whose output changes a little.
 """
 
 import json
@@ -202,6 +204,117 @@ def aider_session(seed=3, turns=30):
     return session
 
 
+def test_run(gen, names, failing):
+    """A test runner's output: one line per test, a few failing, a summary."""
+    lines = ["============================= test session starts =============================",
+             "platform linux -- Python 3.11.7, pytest-8.3.2, pluggy-1.5.0", "rootdir: /work/project",
+             "collected %d items" % len(names), ""]
+    for name in names:
+        lines.append("tests/%s PASSED%s" % (name, " " * 20) if name not in failing else "tests/%s FAILED" % name)
+    for name in sorted(failing):
+        lines += ["", "_________________________ %s _________________________" % name,
+                  "    def %s():" % name.split("::")[1], ">       assert compute(3) == 4",
+                  "E       assert %d == 4" % gen.random.randint(5, 9), ""]
+    lines.append("========== %d failed, %d passed in %.2fs ==========" % (
+        len(failing), len(names) - len(failing), gen.random.uniform(1, 3)))
+    return "\n".join(lines)
+
+
+def edit_lines(gen, text):
+    """An agent's edit: a few lines changed, sometimes one inserted or removed."""
+    lines = text.split("\n")
+    for _ in range(gen.random.randint(1, 3)):
+        index = gen.random.randrange(len(lines))
+        choice = gen.random.random()
+        if choice < 0.6:
+            lines[index] = "    %s = %s(%s)  # fixed" % (gen.identifier(), gen.identifier(), gen.identifier())
+        elif choice < 0.8:
+            lines.insert(index, "    %s = %s  # added" % (gen.identifier(), gen.identifier()))
+        else:
+            del lines[index]
+    return "\n".join(lines)
+
+
+def rereads_session(shape, seed=11, turns=6, rounds=8):
+    """An agent fixing code: reads files whole and in overlapping ranges, edits them, re-reads them, and
+    re-runs a test suite whose output changes in a few lines; in the shape of one client:
+    copilot (raw tool results), cline (text parts, numbered lines, environment_details), cline-xml
+    (no native tools: results come back as user messages), continue (no tools: files attached to user
+    messages as fenced blocks whose info string is the path)."""
+    gen = Generator(seed)
+    native = shape in ("copilot", "cline")
+    session = Session(shape + "-rereads", gen.tools(20) if native else None)
+    files = {"src/file%d.py" % i: gen.code_file(gen.random.randint(150, 280)) for i in range(6)}
+    tests = ["test_%s.py::test_%s" % (gen.identifier(), gen.identifier()) for _ in range(40)]
+    failing = set(gen.random.sample(tests, 4))
+    clock = [0]
+
+    def environment():
+        clock[0] += 1
+        return "<environment_details>\n# Current Time\n2026-11-28 11:%02d:%02d\n# Current Cost\n$%.2f\n" \
+               "</environment_details>" % (clock[0] // 60, clock[0] % 60, clock[0] * 0.01)
+
+    def view(path, first=None, last=None):
+        lines = files[path].split("\n")
+        first, last = first or 1, min(last or len(lines), len(lines))
+        chosen = lines[first - 1:last]
+        if shape.startswith("cline"):
+            return "\n".join("%d | %s" % (first + i, line) for i, line in enumerate(chosen))
+        return "\n".join(chosen)
+
+    system = gen.xml_prompt(["instructions", "rules"], 6000)
+    session.history.append({"role": "system", "content": system})
+    for turn in range(turns):
+        path = gen.random.choice(sorted(files))
+        request = "Fix the failing tests in %s. %s" % (path, gen.words(20))
+        if shape == "continue":
+            request = "```%s\n%s\n```\n\n%s" % (path, files[path], request)
+        session.history.append({"role": "user", "content": request if shape != "cline" else [
+            {"type": "text", "text": "<task>\n%s\n</task>" % request}, {"type": "text", "text": environment()}]})
+        for round_number in range(rounds):
+            kind = gen.random.choice(["read", "range", "edit", "test", "read", "test"])
+            size = len(files[path].split("\n"))
+            if kind == "range":
+                start = gen.random.randint(1, max(1, size - 120))
+                name, arguments, output = "read_file", {"path": path, "start": start, "end": start + 100}, \
+                    view(path, start, start + 100)
+            elif kind == "edit":
+                files[path] = edit_lines(gen, files[path])
+                name, arguments, output = "replace_string_in_file", {"path": path}, "Edited %s." % path
+            elif kind == "test":
+                if failing and gen.random.random() < 0.5:
+                    failing.discard(sorted(failing)[0])
+                name, arguments, output = "run_in_terminal", {"command": "pytest -q"}, test_run(gen, tests, failing)
+            else:
+                name, arguments, output = "read_file", {"path": path}, view(path)
+            if shape == "continue":
+                if kind in ("read", "range", "edit"):  # the user attaches the file again
+                    session.call({"role": "assistant", "content": "Please show me %s again." % path,
+                                  "why": "need " + path})
+                    session.history.append({"role": "user", "content": "```%s\n%s\n```\nHere it is." % (
+                        path, files[path])})
+                else:
+                    session.call({"role": "assistant", "content": "Run the tests and paste the output.",
+                                  "why": "tests"})
+                    session.history.append({"role": "user", "content": "```\n%s\n```" % output})
+                continue
+            if shape == "cline-xml":
+                session.call({"role": "assistant", "content": "<%s>\n<path>%s</path>\n</%s>" % (name, path, name),
+                              "why": "%s %s" % (name, path)})
+                session.history.append({"role": "user", "content": [
+                    {"type": "text", "text": "[%s for '%s'] Result:\n%s" % (name, path, output)},
+                    {"type": "text", "text": environment()}]})
+                continue
+            call = tool_call(session, name, arguments)
+            session.call({"role": "assistant", "content": "", "tool_calls": [call], "why": "%s %s" % (name, path)})
+            content = output if shape == "copilot" else [
+                {"type": "text", "text": "[%s for '%s'] Result:\n%s" % (name, path, output)},
+                {"type": "text", "text": environment()}]
+            session.history.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+        session.call({"role": "assistant", "content": "Turn %d done. %s" % (turn, gen.words(30)), "why": "done"})
+    return session
+
+
 def scripted_responder(session, model_seconds=0.0):
     """A responder for the fake DeepSeek (tests/fake_deepseek.py) that answers a session's requests
     with its scripted answers, same tool-call ids, taking model_seconds each; summaries as the fake's."""
@@ -222,7 +335,11 @@ def scripted_responder(session, model_seconds=0.0):
 
 SESSIONS = {"copilot": copilot_session, "cline": cline_session, "aider": aider_session,
             "copilot-long": lambda: copilot_session(seed=4, user_turns=16, rounds=8),
-            "cline-long": lambda: cline_session(seed=5, user_turns=13, rounds=8)}
+            "cline-long": lambda: cline_session(seed=5, user_turns=13, rounds=8),
+            "copilot-rereads": lambda: rereads_session("copilot"),
+            "cline-rereads": lambda: rereads_session("cline"),
+            "cline-xml-rereads": lambda: rereads_session("cline-xml"),
+            "continue-rereads": lambda: rereads_session("continue")}
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ TOP_LEVEL_FIELDS = {"model", "messages", "max_tokens", "thinking", "reasoning_ef
                     "presence_penalty", "logprobs", "top_logprobs", "n", "user_id"}
 CHARS_PER_TOKEN = 4
 UNIT_TOKENS = 128
+TEMPLATE_TOKENS = 12  # a request's fixed overhead (chat template), as DeepSeek's counts include one
+MESSAGE_TOKENS = 4  # per message
 REASONING_MISSING = "The `reasoning_content` in the thinking mode must be passed back to the API."
 
 
@@ -171,6 +173,7 @@ class FakeDeepSeek:
         self.omit_usage = False  # answer without usage (to test "unmeasured")
         self.record = True  # keep requests, answers and usages (benchmarks turn it off)
         self.cache = PrefixCache()
+        self.count_tokens = lambda text: max(1, math.ceil(len(text) / CHARS_PER_TOKEN))  # or a real tokenizer
         self.calls = 0
         self.lock = threading.Lock()
         self.server = None
@@ -309,8 +312,10 @@ class FakeDeepSeek:
         finish = answer.finish_reason or ("tool_calls" if answer.tool_calls else "stop")
         prompt_text = (json.dumps(body.get("tools"), sort_keys=True) if body.get("tools") else "") + \
             "".join(render_message(m) for m in body["messages"])
-        prompt_tokens = max(1, math.ceil(len(prompt_text) / CHARS_PER_TOKEN))
-        hit = min(self.cache.lookup(prompt_text), prompt_tokens)
+        content_tokens = self.count_tokens(prompt_text)
+        prompt_tokens = TEMPLATE_TOKENS + MESSAGE_TOKENS * len(body["messages"]) + content_tokens
+        hit = min(self.cache.lookup(prompt_text) * content_tokens // max(1, math.ceil(len(prompt_text) / CHARS_PER_TOKEN)),
+                  prompt_tokens)
         self.cache.remember(prompt_text)
         history_message = {k: v for k, v in message.items() if k != "tool_calls"}
         if answer.tool_calls:

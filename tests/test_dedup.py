@@ -179,7 +179,7 @@ class PrefixStability(unittest.TestCase):
     """Output for messages[:k] is a byte-identical prefix of the output for messages[:k+1]."""
 
     def assert_prefix_stable(self, stage, cut_points):
-        for seed in range(30):
+        for seed in range(20):
             messages = generated_conversation(seed)
             original = copy.deepcopy(messages)
             outputs = {k: stage(messages[:k], ctx()) for k in cut_points(messages)}
@@ -203,6 +203,10 @@ class PrefixStability(unittest.TestCase):
 
     def test_tool_outputs(self):
         self.assert_prefix_stable(dp.dedup_tool_outputs, self.every_cut)
+
+    def test_near_duplicates(self):
+        with mock.patch.object(dp, "MIN_NEAR_DUP_CHARS", 100):
+            self.assert_prefix_stable(dp.dedup_near_duplicates, self.every_cut)
 
     def test_markdown_first(self):
         with mock.patch.object(dp, "MARKDOWN_DEDUP", "first"):

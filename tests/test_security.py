@@ -110,7 +110,7 @@ class LinearStages(ProxyTestCase):
         def big_request(index):
             text = list(PATHOLOGICAL.values())[index % len(PATHOLOGICAL)]
             return self.proxy.chat({"model": "x", "messages": [{"role": "user", "content": text}]})[0]
-        worker = threading.Thread(target=run_in_threads, args=(big_request, 4))
+        worker = threading.Thread(target=run_in_threads, args=(big_request, 2))
         worker.start()
         started = time.monotonic()
         self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
@@ -133,7 +133,7 @@ class Isolation(ProxyTestCase):
 
     def test_conversations_opened_alike_do_not_wait_for_each_others_summaries(self):
         self.fake.responder = summary_agent
-        self.fake.summary_delay = 0.4
+        self.fake.summary_delay = 0.2
         conversations = [Conversation(self.proxy, task="Same task.") for _ in range(2)]
         for _ in range(40):
             for conversation in conversations:

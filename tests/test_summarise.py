@@ -1,6 +1,5 @@
 """Conversation summarisation at the token budget, and the token estimator."""
 
-import inspect
 import json
 import os
 import time
@@ -161,11 +160,11 @@ class BackgroundWatermark(ProxyTestCase):
 
     def test_the_summary_is_ready_when_the_budget_is_crossed(self):
         self.fake.responder = agent_responder
-        self.fake.summary_delay = 0.2
+        self.fake.summary_delay = 0.25
         conversation = Conversation(self.proxy)
         latencies, calls_at = [], []
         for _ in range(40):
-            time.sleep(0.1)  # the agent runs its tool between requests
+            time.sleep(0.08)  # the agent runs its tool between requests
             started = time.monotonic()
             conversation.step()
             latencies.append(time.monotonic() - started)
@@ -177,7 +176,7 @@ class BackgroundWatermark(ProxyTestCase):
             self.fail("never summarised")
         self.assertEqual(calls_at[-1], 1, "one summary call, made before the crossing")
         self.assertIn("started in the background", self.proxy.log())
-        self.assertLess(max(latencies), 0.15, "no request waited for the 0.2 s summary call")
+        self.assertLess(max(latencies), 0.2, "no request waited for the 0.25 s summary call")
         conversation.step()
         following = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
         self.assertEqual(following[:len(sent)], sent, "the next request keeps the same bytes")
@@ -240,10 +239,23 @@ class Planning(unittest.TestCase):
     def test_plan_apply_keeps_the_last_user_message_before_the_summary(self):
         messages = self.conversation(5)
         plan = dp.SummaryPlan(2, 9, dp.prefix_fingerprints(messages), 2)
-        result = plan.apply(messages, "S")
+        ctx = dp.RequestContext({}, dp.ProxyState(persist=False, api_key=""))
+        ctx.normalised = messages
+        result = plan.apply(messages, "S", ctx)
         self.assertEqual(result[:3], messages[:3])
         self.assertTrue(result[3]["content"].startswith(dp.SUMMARY_OPEN))
         self.assertEqual(result[4:], messages[9:])
+
+    def test_references_into_the_summarised_part_are_sent_whole(self):
+        messages = self.conversation(5)
+        compressed = [dict(m, content="[reference]") if i in (9, 10) else m for i, m in enumerate(messages)]
+        ctx = dp.RequestContext({}, dp.ProxyState(persist=False, api_key=""))
+        ctx.normalised = messages
+        ctx.anchor(9, 4)   # points into the summarised part: sent whole again
+        ctx.anchor(10, 9)  # points at a kept message right before it: stays as it is
+        result = dp.SummaryPlan(2, 9, dp.prefix_fingerprints(messages), 2).apply(compressed, "S", ctx)
+        self.assertEqual(result[4], messages[9])
+        self.assertEqual(result[5]["content"], "[reference]")
 
     def test_fingerprints_identify_prefixes(self):
         messages = self.conversation(3)
@@ -252,32 +264,6 @@ class Planning(unittest.TestCase):
         changed = json.loads(json.dumps(messages))
         changed[1]["content"] = "other"
         self.assertNotEqual(dp.prefix_fingerprints(changed)[5], fingerprints[5])
-
-
-class Estimator(unittest.TestCase):
-    PROSE = ("The proxy forwards every request to DeepSeek after running a fixed pipeline that cuts the "
-             "tokens and the money spent. Clients send append-only history, so each transform must be a "
-             "deterministic function of it. When a summary call fails, the request goes through whole.") * 4
-
-    def ratio(self, text):
-        return dp.estimate_tokens(text) / len(text)
-
-    def test_ratios_by_kind_of_text(self):
-        self.assertAlmostEqual(self.ratio(self.PROSE), 0.3, delta=0.03)  # ~3.3 characters a token
-        cjk = "你好，这是一个测试。我们正在估算中文文本的令牌数量，看看是否准确。" * 5
-        self.assertAlmostEqual(self.ratio(cjk), 0.6, delta=0.06)
-        code = inspect.getsource(dp.dedup_markdown_blocks)
-        data = json.dumps({"tools": TOOLS * 10, "values": list(range(100))})
-        self.assertGreater(self.ratio(code), self.ratio(self.PROSE))
-        self.assertGreater(self.ratio(data), self.ratio(self.PROSE))
-
-    def test_calibration_converges_on_real_counts(self):
-        calibration = dp.TokenCalibration()
-        for _ in range(12):
-            estimate = dp.estimate_tokens(self.PROSE, calibration.factor)
-            calibration.observe(estimate, int(len(self.PROSE) / 2.5))  # a tokenizer denser than assumed
-        error = dp.estimate_tokens(self.PROSE, calibration.factor) / (len(self.PROSE) / 2.5) - 1
-        self.assertLess(abs(error), 0.05)
 
 
 if __name__ == "__main__":

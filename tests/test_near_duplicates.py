@@ -1,0 +1,177 @@
+"""The near-duplicate stage: deltas that rebuild the exact text, only where they pay, linear matching."""
+
+import random
+import re
+import time
+import unittest
+from unittest import mock
+
+from helpers import ProxyTestCase
+import deepseek_proxy as dp
+
+STATE = dp.ProxyState(persist=False, api_key="")
+
+
+def ctx():
+    return dp.RequestContext({}, STATE)
+
+
+def code(lines, seed=0, start=0):
+    rng = random.Random(seed)
+    return "\n".join("    value_%d = compute_%d(argument_%d) + %d  # line %d" % (
+        i, rng.randint(0, 99), rng.randint(0, 99), rng.randint(0, 999), i) for i in range(start, start + lines))
+
+
+def edit(text, positions, seed=1):
+    lines = text.split("\n")
+    for position in positions:
+        lines[position] = "    edited_%d = changed_%d(%d)" % (position, seed, position)
+    return "\n".join(lines)
+
+
+def apply_delta(old_text, delta_text):
+    """Rebuild a block from the block it is a delta of, the way the note tells the model to."""
+    lines = delta_text.split("\n")
+    assert lines[0].startswith("[Near-duplicate of "), lines[0]
+    numbered = re.search(r"numbers its lines from (\d+) on, from its line (\d+)", lines[0])
+    old = old_text.split("\n")
+    if numbered:
+        old = [re.sub(r"^\d+ \| ", "", line) for line in old]
+    out, position, i = [], 0, 1
+    while i < len(lines):
+        match = re.match(r"@@ -(\d+),(\d+) \+(\d+),(\d+) @@$", lines[i])
+        assert match, lines[i]
+        first, count = int(match.group(1)), int(match.group(2))
+        start = first - 1 if count else first
+        out.extend(old[position:start])
+        position = start + count
+        i += 1
+        while i < len(lines) and lines[i].startswith("-"):
+            i += 1
+        while i < len(lines) and lines[i].startswith("+"):
+            out.append(lines[i][1:])
+            i += 1
+    out.extend(old[position:])
+    if numbered:
+        first, start = int(numbered.group(1)), int(numbered.group(2)) - 1
+        out = out[:start] + ["%d | %s" % (first + k, line) for k, line in enumerate(out[start:])]
+    return "\n".join(out)
+
+
+def call(call_id, name="read_file"):
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": "{}"}}]}
+
+
+def reads(*outputs):
+    messages = [{"role": "user", "content": "Work on the file."}]
+    for number, output in enumerate(outputs):
+        messages += [call("call_%d" % number), {"role": "tool", "tool_call_id": "call_%d" % number, "content": output}]
+    return messages
+
+
+class Deltas(unittest.TestCase):
+    def test_a_reread_after_an_edit_becomes_an_exact_delta(self):
+        first = code(200)
+        second = edit(first, [10, 11, 150])
+        out = dp.dedup_near_duplicates(reads(first, second), ctx())
+        delta = out[4]["content"]
+        self.assertIn("tool call call_0 (read_file)", delta)
+        self.assertLess(len(delta), len(second) / 10)
+        self.assertEqual(apply_delta(first, delta), second)
+        self.assertEqual(out[2]["content"], first, "the first copy stays whole")
+
+    def test_overlapping_ranges_send_only_their_new_lines(self):
+        whole = code(130).split("\n")
+        first, second = "\n".join(whole[:100]), "\n".join(whole[30:130])  # lines 31-130 after 1-100
+        delta = dp.dedup_near_duplicates(reads(first, second), ctx())[4]["content"]
+        self.assertEqual(apply_delta(first, delta), second)
+        self.assertIn("-[30 lines]", delta)
+        self.assertEqual(delta.count("\n+"), 30, "only the 30 new lines are sent")
+
+    def test_numbered_views_survive_an_inserted_line(self):
+        lines = code(160).split("\n")
+        def view(body, first=1):
+            return "[read_file for 'a.py'] Result:\n" + "\n".join("%d | %s" % (first + k, line) for k, line in enumerate(body))
+        before = view(lines)
+        after = view(lines[:20] + ["    inserted_line = True  # a new line"] + lines[20:])
+        partial = view(lines[40:140], first=41)
+        out = dp.dedup_near_duplicates(reads(before, after, partial), ctx())
+        self.assertIn("Line numbers are left out", out[4]["content"])
+        self.assertLess(len(out[4]["content"]), 600)
+        self.assertEqual(apply_delta(before, out[4]["content"]), after)
+        anchor = {"call_0": before, "call_1": after}[re.search(r"tool call (call_\d)", out[6]["content"]).group(1)]
+        self.assertEqual(apply_delta(anchor, out[6]["content"]), partial)
+
+    def test_only_where_it_pays(self):
+        small = code(5)
+        unrelated = code(200, seed=9)
+        messages = reads(small, edit(small, [1]), code(200), unrelated, edit(code(200), list(range(0, 200, 2))))
+        out = dp.dedup_near_duplicates(messages, ctx())
+        self.assertEqual([m["content"] for m in out], [m["content"] for m in messages],
+                         "small, unrelated and heavily edited blocks go whole")
+
+    def test_chains_reanchor_with_a_full_copy(self):
+        versions = [code(200)]
+        for number in range(7):  # each version differs from the one before in 15 lines, drifting away
+            versions.append(edit(versions[-1], range(number * 15, number * 15 + 15), seed=number))
+        with mock.patch.object(dp, "NEAR_DUP_MAX_CHAIN", 3):
+            out = dp.dedup_near_duplicates(reads(*versions), ctx())
+        sent = [out[2 + 2 * i]["content"] for i in range(len(versions))]
+        rebuilt, depth = {}, {}
+        for number, text in enumerate(sent):  # a delta names the tool call whose output it changes
+            if text.startswith("[Near"):
+                anchor = int(re.search(r"tool call call_(\d+)", text).group(1))
+                rebuilt[number], depth[number] = apply_delta(rebuilt[anchor], text), depth[anchor] + 1
+            else:
+                rebuilt[number], depth[number] = text, 0
+        self.assertEqual([rebuilt[number] for number in range(len(versions))], versions)
+        self.assertLessEqual(max(depth.values()), 3)
+        self.assertIn(0, [depth[number] for number in range(1, len(versions))], "re-anchored with a full copy")
+
+    def test_fenced_blocks_in_user_messages(self):
+        first = code(120)
+        second = edit(first, [5])
+        messages = [{"role": "user", "content": "Look:\n```src/main.py\n%s\n```\nThanks." % first},
+                    {"role": "assistant", "content": "Ok."},
+                    {"role": "user", "content": [{"type": "text", "text": "Again:\n```src/main.py\n%s\n```" % second}]}]
+        out = dp.dedup_near_duplicates(messages, ctx())
+        text = out[2]["content"][0]["text"]
+        self.assertTrue(text.startswith("Again:\n```src/main.py\n[Near-duplicate of the fenced block `src/main.py` "
+                                        "2 messages above"), text[:200])
+        body = text.split("\n", 2)[2].rsplit("\n```", 1)[0]
+        self.assertEqual(apply_delta(first, body), second)
+        self.assertEqual(out[0], messages[0])
+
+    def test_prefix_stable_and_input_untouched(self):
+        versions = [code(150)]
+        for number in range(5):
+            versions.append(edit(versions[-1], [number * 7], seed=number))
+        messages = reads(*versions)
+        full = dp.dedup_near_duplicates(messages, ctx())
+        for cut in range(1, len(messages)):
+            self.assertEqual(dp.dedup_near_duplicates(messages[:cut], ctx()), full[:cut])
+
+    def test_matching_is_fast_on_big_and_repetitive_blocks(self):
+        big = code(9000)  # ~400K characters
+        repetitive = "\n".join(["same line that repeats again and again"] * 10000)
+        started = time.monotonic()
+        dp.dedup_near_duplicates(reads(big, edit(big, [5, 4000]), repetitive, repetitive + "\nend",
+                                       *[code(60, seed=s) for s in range(300)]), ctx())
+        self.assertLess(time.monotonic() - started, 1.0)
+
+
+class ThroughTheProxy(ProxyTestCase):
+    def test_deepseek_gets_the_delta_and_the_same_tools(self):
+        tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+        first = code(200)
+        status, headers, _ = self.proxy.chat({"model": "x", "tools": tools, "messages": reads(first, edit(first, [3]))})
+        self.assertEqual(status, 200)
+        sent = self.fake.requests[-1]
+        self.assertTrue(sent["messages"][4]["content"].startswith("[Near-duplicate of the output of tool call call_0"))
+        self.assertEqual(sent["tools"], tools)
+        self.assertLess(int(headers["X-Proxy-Tokens-Out"]), int(headers["X-Proxy-Tokens-In"]) * 0.7)
+
+
+if __name__ == "__main__":
+    unittest.main()
