@@ -275,10 +275,20 @@ def is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def encode_json(payload):
-    """Compact UTF-8 JSON for DeepSeek. A lone surrogate (a truncated emoji, valid JSON escape but not
-    text) is found here, where encoding fails, and becomes U+FFFD: no scan of every request body."""
-    text = json.dumps(payload, ensure_ascii=False)
+MESSAGES_MARK = "\x00messages\x00"
+
+
+def encode_json(payload, pieces=None):
+    """UTF-8 JSON for DeepSeek, byte-identical to json.dumps(payload, ensure_ascii=False). With
+    `pieces` (a function message -> its JSON, remembered across a conversation's requests), the
+    messages are assembled from their pieces instead of being encoded again. A lone surrogate (a
+    truncated emoji: a valid JSON escape but not text) is found here, where encoding fails, and
+    becomes U+FFFD: no scan of every request body."""
+    if pieces and isinstance(payload.get("messages"), list):
+        text = json.dumps(dict(payload, messages=MESSAGES_MARK), ensure_ascii=False).replace(
+            json.dumps(MESSAGES_MARK), "[" + ", ".join(map(pieces, payload["messages"])) + "]", 1)
+    else:
+        text = json.dumps(payload, ensure_ascii=False)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
@@ -386,6 +396,48 @@ class LRU:
     def items(self):
         with self._lock:
             return list(self._items.items())
+
+
+class Handover(LRU):
+    """An LRU whose entries are handed to one taker at a time: take() removes the entry, so a
+    request that resumes a conversation's scan owns it until it puts the scan back."""
+
+    def take(self, key):
+        with self._lock:
+            return self._items.pop(key, None)
+
+
+class TextMemo:
+    """Results of pure functions of one text (token estimates, fence and tag scans, line splits),
+    remembered by the text's value: a conversation resends its whole history with every request, and
+    only the new messages need the work. Bounded by entries and by the characters of the texts kept."""
+
+    MIN_CHARS = 256  # shorter texts are cheaper to recompute than to look up
+
+    def __init__(self, capacity=16384, max_chars=64 * 1024 * 1024):
+        self.capacity, self.max_chars = capacity, max_chars
+        self.items = collections.OrderedDict()  # (function name, text) -> result
+        self.chars = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, function, text):
+        if len(text) < self.MIN_CHARS:
+            return function(text)
+        key = (function.__name__, text)
+        with self._lock:
+            found = self.items.get(key, self)
+            if found is not self:
+                self.items.move_to_end(key)
+                return found
+        result = function(text)
+        with self._lock:
+            if key not in self.items:
+                self.items[key] = result
+                self.chars += len(text)
+                while len(self.items) > self.capacity or self.chars > self.max_chars:
+                    (_name, old), _result = self.items.popitem(last=False)
+                    self.chars -= len(old)
+        return result
 
 
 class JsonlFile:
@@ -557,13 +609,16 @@ def text_features(text):
             len(encoded) - len(encoded.translate(None, _PUNCTUATION)), wide, other)
 
 
+def raw_tokens(text):
+    """DeepSeek tokens in a text before calibration: TOKEN_WEIGHTS over text_features()."""
+    return max(1.0, sum(weight * count for weight, count in zip(TOKEN_WEIGHTS, text_features(text)))) if text else 0.0
+
+
 def estimate_tokens(text, factor=1.0):
-    """DeepSeek tokens in a text: TOKEN_WEIGHTS over text_features(), scaled by `factor`, the
-    calibration learnt from large requests' real counts. Within a few percent of the real tokenizer
-    on texts of thousands of tokens (bench/estimator.py); no tokenizer needed."""
-    if not text:
-        return 0
-    return int(max(1.0, sum(weight * count for weight, count in zip(TOKEN_WEIGHTS, text_features(text)))) * factor)
+    """DeepSeek tokens in a text, scaled by `factor`, the calibration learnt from large requests' real
+    counts. Within a few percent of the real tokenizer on texts of thousands of tokens
+    (bench/estimator.py); no tokenizer needed."""
+    return int(raw_tokens(text) * factor)
 
 
 REQUEST_OVERHEAD_TOKENS = 10  # the chat template's tokens around a whole request
@@ -615,13 +670,16 @@ def has_non_text_parts(content):
     return isinstance(content, list) and any(part.get("type") != "text" for part in content)
 
 
-def message_tokens(message, factor=1.0):
-    tokens = MESSAGE_OVERHEAD_TOKENS + estimate_tokens(content_text(message.get("content")), factor)
-    tokens += estimate_tokens(message.get("reasoning_content") or "", factor)
+def message_tokens(message, factor=1.0, tokens_of=raw_tokens):
+    """Estimated tokens of one message: its texts (tokens_of: raw_tokens, or a memo of it), scaled by
+    the calibration factor, plus the chat template's tokens around it and its tool calls."""
+    raw = tokens_of(content_text(message.get("content"))) + tokens_of(message.get("reasoning_content") or "")
+    overhead = MESSAGE_OVERHEAD_TOKENS
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        tokens += 8 + estimate_tokens(str(function.get("name", "")) + str(function.get("arguments", "")), factor)
-    return tokens
+        raw += tokens_of(str(function.get("name", "")) + str(function.get("arguments", "")))
+        overhead += 8
+    return overhead + int(raw * factor)
 
 
 def normalise_answer_text(text):
@@ -898,7 +956,7 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None):
     are raised at once as UpstreamError."""
     retries = UPSTREAM_MAX_RETRIES if retries is None else retries
     base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
-    data = encode_json(payload)
+    data = encode_json(payload, state.message_json)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + state.api_key,
                "Accept": "text/event-stream" if payload.get("stream") else "application/json",
                "User-Agent": "deepseek-proxy/" + __version__}
@@ -1065,37 +1123,43 @@ class RequestContext:
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
         self.anchors = {}  # message index -> index of the earliest message a compression of it refers to
         self._chain = None
+        self._conversation_key = None
         self._token_memo = {}  # id(message) -> (message, tokens)
         self._tools_tokens = None
 
     @property
     def chain(self):
         if self._chain is None:
-            self._chain = history_chain(self.normalised or [])
+            self._chain = history_chain(self.normalised or [], self.state.memo)
         return self._chain
 
     @property
     def conversation_key(self):
         """The conversation: its history up to and including its first assistant turn (distinct
         even between sessions opened with the same system prompt and first message)."""
-        for index, message in enumerate(self.normalised or ()):
-            if message["role"] == "assistant":
-                return self.chain[index + 1].hex()
-        return self.chain[-1].hex()
+        if self._conversation_key is None:
+            for index, message in enumerate(self.normalised or ()):
+                if message["role"] == "assistant":
+                    self._conversation_key = self.chain[index + 1].hex()
+                    break
+            else:
+                self._conversation_key = self.chain[-1].hex()
+        return self._conversation_key
 
     def message_tokens(self, message):
         """Estimated tokens of a message, computed once per message object in this request (the
         stages pass unchanged messages on as the same objects)."""
         entry = self._token_memo.get(id(message))
         if entry is None or entry[0] is not message:
-            entry = self._token_memo[id(message)] = (message, message_tokens(message, self.state.calibration.factor))
+            entry = self._token_memo[id(message)] = (message, message_tokens(
+                message, self.state.calibration.factor, lambda text: self.state.memo(raw_tokens, text)))
         return entry[1]
 
     def prompt_tokens(self, messages):
         """Estimated prompt tokens of messages plus this request's tool definitions."""
         if self._tools_tokens is None:
-            self._tools_tokens = estimate_tokens(json.dumps(self.tools), self.state.calibration.factor) \
-                if self.tools else 0
+            self._tools_tokens = int(self.state.memo(raw_tokens, json.dumps(self.tools)) *
+                                     self.state.calibration.factor) if self.tools else 0
         return REQUEST_OVERHEAD_TOKENS + sum(self.message_tokens(message) for message in messages) + self._tools_tokens
 
     def anchor(self, index, anchor_index):
@@ -1106,25 +1170,43 @@ class RequestContext:
 
     def removed(self, stage, text, kept=""):
         """Record that `stage` replaced `text` by `kept`."""
-        factor = self.state.calibration.factor
-        self.saved[stage] += estimate_tokens(text, factor) - estimate_tokens(kept, factor)
+        memo = self.state.memo
+        self.saved[stage] += int((memo(raw_tokens, text) - memo(raw_tokens, kept)) * self.state.calibration.factor)
 
 
-def message_digest(message):
-    """What identifies a message across a client's echoes of it: role, tool_call_id, text without
-    trailing whitespace, tool-call ids. Not reasoning (clients drop it), not unknown keys."""
-    text = content_text(message.get("content"))
+def echo_digest(text):
+    """SHA-256 (hex) of a text as clients echo it: trailing whitespace trimmed."""
     text = normalise_answer_text(text) if (" \n" in text or "\t\n" in text or "\r" in text) else text.strip()
-    ids = [str(call.get("id")) for call in message.get("tool_calls") or () if isinstance(call, dict)]
-    record = "\x00".join([message.get("role", ""), message.get("tool_call_id") or "", text] + ids)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def exact_digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def message_digest(message, memo=None, exact=False):
+    """What identifies a message across a client's echoes of it: role, tool_call_id, text without
+    trailing whitespace, tool-call ids; not reasoning (clients drop it), not unknown keys. With
+    exact=True, the text as it is and the shape of the content too (what a stage's output depends on).
+    memo: a TextMemo, so that a conversation's history is not hashed again on every request."""
+    memo = memo or (lambda function, text: function(text))
+    text = content_text(message.get("content"))
+    calls = [str(call.get("id")) for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    if exact:
+        calls += [str((call.get("function") or {}).get("name")) for call in message.get("tool_calls") or ()
+                  if isinstance(call, dict)]
+        content = message.get("content")
+        calls.append(str(len(content)) if isinstance(content, list) else "")
+    record = "\x00".join([message.get("role", ""), message.get("tool_call_id") or "",
+                          memo(exact_digest if exact else echo_digest, text)] + calls)
     return hashlib.sha256(record.encode("utf-8", "surrogatepass")).digest()
 
 
-def history_chain(messages):
+def history_chain(messages, memo=None, exact=False):
     """chain[k] identifies messages[:k]: chain[k] = SHA-256(chain[k-1] + message_digest(messages[k-1]))."""
     chain = [b""]
     for message in messages:
-        chain.append(hashlib.sha256(chain[-1] + message_digest(message)).digest())
+        chain.append(hashlib.sha256(chain[-1] + message_digest(message, memo, exact)).digest())
     return chain
 
 
@@ -1306,7 +1388,7 @@ def remember_reasoning(ctx, answer, usage):
     """Answer hook: store the answer's reasoning under the keys the client's echo of it will have."""
     if answer.get("reasoning_content") is None or ctx.normalised is None:
         return
-    turn = hashlib.sha256(ctx.chain[-1] + message_digest(answer)).hexdigest()
+    turn = hashlib.sha256(ctx.chain[-1] + message_digest(answer, ctx.state.memo)).hexdigest()
     has_assistant = any(message["role"] == "assistant" for message in ctx.normalised)
     ctx.state.reasoning.remember(ctx.conversation_key if has_assistant else turn, turn,
                                  answer["reasoning_content"])
@@ -1382,7 +1464,7 @@ def dedup_boilerplate(messages, ctx):
     here = [0]  # index of the message being reduced
 
     def already_seen(segment):
-        fingerprint = hashlib.sha256(segment.encode("utf-8", "surrogatepass")).digest()
+        fingerprint = ctx.state.memo(exact_digest, segment)
         if fingerprint in seen:
             seen.move_to_end(fingerprint)
             ctx.anchor(here[0], seen[fingerprint])
@@ -1420,7 +1502,7 @@ def dedup_boilerplate(messages, ctx):
     def reduce_text(text, role):
         paragraphs = MIN_SEGMENT_CHARS and role == "user"
         pieces, last = [], 0
-        for start, end in find_boilerplate_blocks(text):
+        for start, end in ctx.state.memo(find_boilerplate_blocks, text):
             plain = text[last:start]
             pieces.append(reduce_paragraphs(plain) if paragraphs else plain)
             block = text[start:end]
@@ -1468,7 +1550,7 @@ def dedup_tool_outputs(messages, ctx):
         def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
             if len(text) < MIN_TOOL_OUTPUT_CHARS:
                 return text
-            fingerprint = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+            fingerprint = ctx.state.memo(exact_digest, text)
             earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
             if earlier == call_id:
                 return text
@@ -1519,6 +1601,10 @@ NUMBERED_NOTE = (" Line numbers are left out: the changes apply to the lines wit
                  "and this view numbers its lines from %d on, from its line %d.")
 MIN_LINE_CHARS = 20  # characters; shorter lines ("}", blank) do not count as evidence of a repeat
 _NUMBERED_LINE = re.compile(r"(\d+) \| ")
+
+
+def numbered_lines(text):
+    return without_numbers(text.split("\n"))
 
 
 def without_numbers(lines):
@@ -1593,68 +1679,102 @@ def line_delta(old, new):
     return "\n".join(out)
 
 
-def dedup_near_duplicates(messages, ctx):
-    """A tool result (also one that comes back in a user message, as Cline's XML mode sends them), or a
-    fenced block in a user message, that shares most of its long lines with an earlier block of the request (a file re-read after an edit, an overlapping range, a test run whose
-    output changed in a few lines) is sent as a delta against that block: a note saying which block
-    (a tool call id, or a fenced block so many messages above) and a zero-context diff from which the
-    exact text can be rebuilt. Only where it pays: blocks of at least MIN_NEAR_DUP_CHARS, a delta of at
-    most NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
-    again). Cache-safe: the output for a message depends only on the messages before it."""
-    index = BlockIndex()
-    call_names, result = {}, []
-    for position, message in enumerate(messages):
+class NearDuplicateScan:
+    """The near-duplicate stage's pass over one request, message by message. What it has seen (the
+    block index, call names, its output so far, the anchors and savings it recorded) is kept per
+    conversation by the exact history it covers, so the conversation's next request, which repeats
+    that history and adds a few messages, resumes the scan instead of redoing it."""
+
+    def __init__(self):
+        self.index = BlockIndex()
+        self.call_names, self.output, self.anchors, self.saved = {}, [], [], 0
+
+    def feed(self, message, ctx):
+        position = len(self.output)
         for call in message.get("tool_calls") or ():
-            call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
+            self.call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
         role = message["role"]
         if role not in ("tool", "user", "assistant") or not message.get("content"):
-            result.append(message)
-            continue
-
-        def near_duplicate(text, label):
-            """The delta for text, or text itself; registers it as a block either way."""
-            if not MIN_NEAR_DUP_CHARS <= len(text) <= NEAR_DUP_MAX_CHARS:
-                return text
-            lines, numbering = without_numbers(text.split("\n"))
-            found = index.best_match(lines) if role != "assistant" else None
-            sent, depth = text, 0
-            if found and found[2] >= 3 and found[1] * 2 >= found[2]:
-                old, where, old_position, old_depth, old_numbered = index.blocks[found[0]]
-                if old_depth < NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
-                    if not where.startswith("the output"):
-                        distance = position - old_position
-                        where = "%s %d message%s above" % (where, distance, "s" if distance != 1 else "")
-                    note = NEAR_DUP_NOTE % where
-                    if numbering:
-                        note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
-                    delta = note + "\n" + ctx.state.line_delta(old, lines)
-                    if len(delta) <= NEAR_DUP_MAX_RATIO * len(text):
-                        sent, depth = delta, old_depth + 1
-                        ctx.anchor(position, old_position)
-                        ctx.removed("dedup_near_duplicates", text, delta)
-            index.add(lines, label, position, depth, numbering is not None)
-            return sent
-
+            self.output.append(message)
+            return
         if role == "tool":
             label = "the output of tool call %s (%s) above" % (
-                message.get("tool_call_id"), call_names.get(message.get("tool_call_id"), "tool"))
-            content = map_content_text(message["content"], lambda text: near_duplicate(text, label))
+                message.get("tool_call_id"), self.call_names.get(message.get("tool_call_id"), "tool"))
+            content = map_content_text(message["content"], lambda text: self.block(text, label, position, role, ctx))
         else:
-            def fenced(text, kind="an assistant's" if role == "assistant" else "the"):
-                if role == "user" and TOOL_RESULT_TEXT.match(text):
-                    return near_duplicate(text, "the %s" % text[:text.index("]") + 1])
-                pieces, last = [], 0
-                for start, end, open_line, close_line, body in find_fenced_blocks(text):
-                    info = open_line.lstrip(" `~").strip()
-                    label = "%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")
-                    whole = body[:-1] if body.endswith("\n") else body
-                    replaced = near_duplicate(whole, label.strip())
-                    if replaced != whole:
-                        pieces.append(text[last:start] + open_line + "\n" + replaced + "\n" + close_line)
-                        last = end
-                return "".join(pieces) + text[last:] if last else text
-            content = map_content_text(message["content"], fenced)
-        result.append(dict(message, content=content) if content != message["content"] else message)
+            content = map_content_text(message["content"], lambda text: self.texts(text, position, role, ctx))
+        self.output.append(dict(message, content=content) if content != message["content"] else message)
+
+    def texts(self, text, position, role, ctx):
+        """A user or assistant text: a tool result as Cline's XML mode sends it, or its fenced blocks."""
+        if role == "user" and TOOL_RESULT_TEXT.match(text):
+            return self.block(text, "the %s" % text[:text.index("]") + 1], position, role, ctx)
+        kind = "an assistant's" if role == "assistant" else "the"
+        pieces, last = [], 0
+        for start, end, open_line, close_line, body in ctx.state.memo(find_fenced_blocks, text):
+            info = open_line.lstrip(" `~").strip()
+            label = ("%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")).strip()
+            whole = body[:-1] if body.endswith("\n") else body
+            replaced = self.block(whole, label, position, role, ctx)
+            if replaced != whole:
+                pieces.append(text[last:start] + open_line + "\n" + replaced + "\n" + close_line)
+                last = end
+        return "".join(pieces) + text[last:] if last else text
+
+    def block(self, text, label, position, role, ctx):
+        """The delta for one block, or the block itself; registers it as a block either way."""
+        if not MIN_NEAR_DUP_CHARS <= len(text) <= NEAR_DUP_MAX_CHARS:
+            return text
+        lines, numbering = ctx.state.memo(numbered_lines, text)
+        found = self.index.best_match(lines) if role != "assistant" else None
+        sent, depth = text, 0
+        if found and found[2] >= 3 and found[1] * 2 >= found[2]:
+            old, where, old_position, old_depth, old_numbered = self.index.blocks[found[0]]
+            if old_depth < NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
+                if not where.startswith("the output"):
+                    distance = position - old_position
+                    where = "%s %d message%s above" % (where, distance, "s" if distance != 1 else "")
+                note = NEAR_DUP_NOTE % where
+                if numbering:
+                    note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
+                delta = note + "\n" + ctx.state.line_delta(old, lines)
+                if len(delta) <= NEAR_DUP_MAX_RATIO * len(text):
+                    sent, depth = delta, old_depth + 1
+                    self.anchors.append((position, old_position))
+                    ctx.anchor(position, old_position)
+                    before = ctx.saved["dedup_near_duplicates"]
+                    ctx.removed("dedup_near_duplicates", text, delta)
+                    self.saved += ctx.saved["dedup_near_duplicates"] - before
+        self.index.add(lines, label, position, depth, numbering is not None)
+        return sent
+
+
+def dedup_near_duplicates(messages, ctx):
+    """A tool result (also one that comes back in a user message, as Cline's XML mode sends them), or
+    a fenced block in a user message, that shares most of its long lines with an earlier block of the
+    request (a file re-read after an edit, an overlapping range, a test run whose output changed in a
+    few lines) is sent as a delta against that block: a note saying which block (a tool call id, or a
+    fenced block so many messages above) and a zero-context diff from which the exact text can be
+    rebuilt. Only where it pays: blocks of at least MIN_NEAR_DUP_CHARS, a delta of at most
+    NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
+    again). Cache-safe: the output for a message depends only on the messages before it, which also
+    lets the scan resume where the conversation's previous request left it (NearDuplicateScan)."""
+    chain = history_chain(messages, ctx.state.memo, exact=True)
+    scan, start = None, 0
+    for start in range(len(messages), 0, -1):
+        scan = ctx.state.scans.take(chain[start])
+        if scan is not None:
+            break
+    if scan is None:
+        scan, start = NearDuplicateScan(), 0
+    else:
+        for position, anchor in scan.anchors:
+            ctx.anchor(position, anchor)
+        ctx.saved["dedup_near_duplicates"] += scan.saved
+    for message in messages[start:]:
+        scan.feed(message, ctx)
+    result = list(scan.output)
+    ctx.state.scans.put(chain[len(messages)], scan)
     return result
 
 
@@ -1677,7 +1797,7 @@ def dedup_markdown_blocks(messages, ctx):
         if message["role"] == "assistant":
             turn += 1
         if message["role"] in ("user", "assistant", "tool"):
-            for block in find_fenced_blocks(content_text(message.get("content"))):
+            for block in ctx.state.memo(find_fenced_blocks, content_text(message.get("content"))):
                 if len(block[4]) >= MIN_BLOCK_CHARS:
                     occurrences[sha256_text(block[4])].append((index, turn))
     keep = {}  # body hash -> index of the message whose copy stays full
@@ -1701,7 +1821,7 @@ def dedup_markdown_blocks(messages, ctx):
         if index in touched:
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
-                for start, end, open_line, close_line, body in find_fenced_blocks(text):
+                for start, end, open_line, close_line, body in ctx.state.memo(find_fenced_blocks, text):
                     fingerprint = sha256_text(body) if len(body) >= MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
                         where = "below" if keep[fingerprint] > index else "above"
@@ -3928,6 +4048,22 @@ class ProxyState:
         self.dumps = MessageDumps(self.data_dir)
         self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
         self.deltas = LRU(2048)  # near-duplicate diffs by SHA-256 of the pair of texts
+        self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
+        self.scans = Handover(64)  # near-duplicate scans to resume, by the exact history they cover
+        self.pieces = LRU(4096)  # upstream JSON of history messages, by their content
+
+    def message_json(self, message):
+        """json.dumps of one upstream message, remembered for plain messages with long text content
+        (the history a conversation resends), by the value of what is in them."""
+        content = message.get("content")
+        if not isinstance(content, str) or len(content) < 256 or len(message) > 3:
+            return json.dumps(message, ensure_ascii=False)
+        key = (message.get("role"), message.get("tool_call_id"), content, tuple(message))
+        piece = self.pieces.get(key)
+        if piece is None:
+            piece = json.dumps(message, ensure_ascii=False)
+            self.pieces.put(key, piece)
+        return piece
 
     def line_delta(self, old, new):
         """line_delta(), remembered: a conversation's next request diffs the same pairs again."""

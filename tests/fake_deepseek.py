@@ -158,7 +158,9 @@ class FakeDeepSeek:
         self.chunk_delay = 0.0  # seconds between streamed chunks
         self.done_delay = 0.0  # seconds between the finish chunk and data: [DONE]
         self.connect_delay = 0.0  # seconds each new connection waits first (a TLS handshake's stand-in)
+        self.close_idle = False  # close each connection after a whole answer without saying so (a stale keep-alive)
         self.connections = 0  # connections accepted so far
+        self.sockets = set()  # open connections, closed by stop() as a process exit would
         self.reasoning_pieces = 3
         self.argument_fragment = 7  # characters per tool-call argument delta
         # ("status", code, body[, headers]) | ("raw", code, bytes) | ("redirect", code, location) |
@@ -182,6 +184,7 @@ class FakeDeepSeek:
 
     def start(self, host="127.0.0.1", port=0):
         fake = self
+        self.connections = 0
 
         class Handler(FakeHandler):
             owner = fake
@@ -201,6 +204,13 @@ class FakeDeepSeek:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+            with self.lock:
+                for sock in self.sockets:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                self.sockets.clear()
 
     # -- the model
 
@@ -382,6 +392,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.owner.lock:
             self.owner.connections += 1
+            self.owner.sockets.add(self.connection)
         if self.owner.connect_delay:
             time.sleep(self.owner.connect_delay)
 
@@ -449,6 +460,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return self.send_json(*problem)
         message, finish, usage = fake.answer(body)
         if not body.get("stream"):
+            if fake.close_idle:
+                self.close_connection = True
             response_message = dict(message)
             for call in response_message.get("tool_calls") or ():
                 call.setdefault("index", 0)
