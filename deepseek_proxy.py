@@ -85,6 +85,11 @@ MAX_CACHE_SIZE = 500  # conversations whose assistant reasoning is kept (LRU)
 MAX_CACHE_BYTES = 128 * 1024 * 1024  # bytes of reasoning text kept in memory, all conversations together
 PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache.jsonl across restarts
 
+# -- Ephemeral context blocks (Aider's chat files)
+KEEP_EPHEMERAL = True  # keep a context block a client resends after its history where DeepSeek cached it; send changes
+EPHEMERAL_REANCHOR = 0.25  # fraction of the block's size past which its changes go as a fresh full copy
+EPHEMERAL_MEMORY = 256  # conversations whose ephemeral block is remembered (LRU)
+
 # -- Deduplication
 DEDUP_BOILERPLATE = True  # remove XML boilerplate blocks already sent earlier in the conversation (F-1)
 MAX_FINGERPRINT_HISTORY = 100  # segments remembered per conversation (LRU) by the boilerplate stage
@@ -1122,6 +1127,7 @@ class RequestContext:
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
         self.anchors = {}  # message index -> index of the earliest message a compression of it refers to
+        self.base = None  # the messages those indices refer to, whole (normalise_messages, keep_ephemeral_blocks)
         self._chain = None
         self._conversation_key = None
         self._token_memo = {}  # id(message) -> (message, tokens)
@@ -1279,7 +1285,7 @@ def normalise_messages(messages, ctx):
             if "content" not in clean:
                 clean["content"] = None
         result.append(clean)
-    ctx.normalised = result
+    ctx.normalised = ctx.base = result
     return result
 
 
@@ -1392,6 +1398,112 @@ def remember_reasoning(ctx, answer, usage):
     has_assistant = any(message["role"] == "assistant" for message in ctx.normalised)
     ctx.state.reasoning.remember(ctx.conversation_key if has_assistant else turn, turn,
                                  answer["reasoning_content"])
+
+
+# -- Stage: keep_ephemeral_blocks ---------------------------------------------------------------------
+
+EPHEMERAL_NOTE = ("[The full text of these files was sent earlier in this conversation, in the message that "
+                  "begins like this one. Changes since then, file by file (each @@ -a,b +c,d @@ replaces lines "
+                  "a..a+b-1 of the file as sent then by the + lines after it; \"-[N lines]\" stands for "
+                  "removed lines not repeated here):]")
+
+
+def chat_files(text):
+    """{name: text} of the files in a context block: each fenced block, named by the line before it
+    (Aider's "path" line, or the fence's info string); the text outside them, under ""."""
+    files, last, outside = {}, 0, []
+    for start, end, open_line, close_line, body in find_fenced_blocks(text):
+        before = text[last:start].rstrip("\n").rsplit("\n", 1)
+        name = before[-1].strip() if before[-1].strip() else open_line.lstrip(" `~").strip()
+        outside.append(before[0] if len(before) > 1 and before[-1].strip() else text[last:start])
+        files[name or "block %d" % len(files)] = body[:-1] if body.endswith("\n") else body
+        last = end
+    outside.append(text[last:])
+    files[""] = "".join(outside).strip()
+    return files
+
+
+class EphemeralBlock:
+    """A context block a client resends after its history without keeping it there (Aider's chat
+    files: a user message and the assistant's "Ok"), as the proxy first sent it: `position` in the
+    client's messages, the two messages, and their files."""
+
+    def __init__(self, position, pair):
+        self.position, self.pair = position, pair
+        self.files = chat_files(content_text(pair[0].get("content")))
+        self.size = sum(len(text) for text in self.files.values())
+
+
+def files_delta(anchor, current, first_line):
+    """The user message that brings `anchor`'s files up to `current`'s, and its size in characters."""
+    parts = [first_line, EPHEMERAL_NOTE]
+    for name, text in current.items():
+        if not name:
+            continue
+        old = anchor.files.get(name)
+        if old is None:
+            parts.append("%s (added to the chat since):\n```\n%s\n```" % (name, text))
+        elif old != text:
+            parts.append("%s\n```diff\n%s\n```" % (name, line_delta(old.split("\n"), text.split("\n"))))
+    for name in anchor.files:
+        if name and name not in current:
+            parts.append("%s: no longer in the chat." % name)
+    if len(parts) == 2:
+        parts.append("No file has changed.")
+    if current.get("", "").strip() != anchor.files.get("", "").strip():
+        parts.append(current[""])
+    return "\n\n".join(parts)
+
+
+def keep_ephemeral_blocks(messages, ctx):
+    """Keep a client's ephemeral context block where DeepSeek has it cached.
+
+    Aider sends, after its history, the full text of every chat file (a user message and the
+    assistant's "Ok") and does not keep it in the history: each request puts it at a new position,
+    so everything from there on is a cache miss, and the files are the bulk of the request. This
+    stage recognises such a block by its shape across consecutive requests of a conversation (the
+    pair right before the last user message that the next request no longer has at that position,
+    and has again right before its last user message, with the same first line), sends the block
+    byte-identical where it was first sent, and puts in the client's place a compact delta: per file
+    a unified diff, files added in full, files dropped named. When the delta grows past
+    EPHEMERAL_REANCHOR of the files' size, the block is sent whole at its new position and becomes
+    the anchor. (Re-anchoring once the deltas sent add up to the block's size was measured too and
+    cached less on sessions that add files.) The memory is
+    keyed by the exact history before the block (bounded LRU); without it (a restart, an eviction,
+    another client) the request goes as the client built it. Other clients' requests, whose history
+    keeps what they sent, are left untouched."""
+    count = len(messages)
+    if count < 4 or messages[-1]["role"] != "user" or messages[-3]["role"] != "user" \
+            or messages[-2]["role"] != "assistant" or messages[-2].get("tool_calls"):
+        return messages
+    pair = messages[-3:-1]
+    chain = history_chain(messages[:-3], ctx.state.memo, exact=True)
+    record, position = None, count - 3
+    for position in range(count - 3, 0, -1):
+        record = ctx.state.ephemeral.get(chain[position])
+        if record is not None:
+            break
+    if record is None or position == count - 3:
+        if record is None or record.pair != pair:
+            ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
+        return messages
+    if SUMMARISE and ctx.prompt_tokens(messages) >= min(SUMMARY_WATERMARK or SUMMARY_RATIO, SUMMARY_RATIO) * MAX_CONTEXT:
+        return messages  # near the budget: summarisation takes over, on the client's own layout
+    first_line = content_text(pair[0].get("content")).split("\n", 1)[0]
+    if messages[position] == record.pair[0] or first_line != content_text(record.pair[0].get("content")).split("\n", 1)[0]:
+        return messages  # the client keeps the block in its history, or this is another kind of message
+    current = chat_files(content_text(pair[0].get("content")))
+    delta = files_delta(record, current, first_line)
+    if len(delta) > EPHEMERAL_REANCHOR * record.size:
+        ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
+        ctx.notes.append("ephemeral block re-anchored")
+        return messages
+    ctx.removed("keep_ephemeral_blocks", content_text(pair[0].get("content")), delta)
+    ctx.notes.append("ephemeral block kept at message %d" % position)
+    head = messages[:position] + record.pair + messages[position:-3]
+    ctx.base = head + messages[-3:]  # what a cut delta is restored to: the client's whole block
+    ctx.anchor(len(head), position)
+    return head + [{"role": "user", "content": delta}, pair[1], messages[-1]]
 
 
 # -- Stage: dedup_boilerplate (F-1) ------------------------------------------------------------------
@@ -2041,7 +2153,7 @@ class SummaryPlan:
     def apply(self, messages, summary, ctx):
         """The messages with the summary in place. The last user message goes as the client sent it,
         and a kept message whose reference or delta pointed into the summarised part is sent whole."""
-        pulled = [ctx.normalised[self.pulled] if ctx.normalised else messages[self.pulled]] \
+        pulled = [ctx.base[self.pulled] if ctx.base else messages[self.pulled]] \
             if self.pulled is not None else []
         inserted = {"role": "user", "content": SUMMARY_OPEN + summary + SUMMARY_CLOSE}
         kept = list(range(self.head)) + list(range(self.end, len(messages)))
@@ -2054,7 +2166,7 @@ def restore_cut_anchors(messages, kept, ctx):
     reference or delta to an earlier message (ctx.anchors) goes whole again, as the client sent it,
     when any message between that anchor and it is no longer sent: the reference would dangle, or a
     "so many messages above" would count wrong."""
-    if not ctx.anchors or ctx.normalised is None:
+    if not ctx.anchors or ctx.base is None:
         return [messages[index] for index in kept]
     kept_set = set(kept)
     gaps, count = [0], 0  # gaps[k]: how many of messages[:k] are not kept
@@ -2065,7 +2177,7 @@ def restore_cut_anchors(messages, kept, ctx):
     for index in kept:
         anchor = ctx.anchors.get(index)
         cut = anchor is not None and gaps[index] - gaps[anchor] > 0
-        result.append(ctx.normalised[index] if cut else messages[index])
+        result.append(ctx.base[index] if cut else messages[index])
     return result
 
 
@@ -2277,6 +2389,7 @@ def observe_prompt_tokens(ctx, answer, usage):
 PIPELINE = [
     Stage("normalise_messages", normalise_messages, required=True),
     Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True),
+    Stage("keep_ephemeral_blocks", keep_ephemeral_blocks, enabled=lambda: KEEP_EPHEMERAL),
     Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda: DEDUP_BOILERPLATE),
     Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda: DEDUP_TOOL_OUTPUTS),
     Stage("dedup_near_duplicates", dedup_near_duplicates, enabled=lambda: NEAR_DUPLICATES),
@@ -4048,6 +4161,7 @@ class ProxyState:
         self.dumps = MessageDumps(self.data_dir)
         self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
         self.deltas = LRU(2048)  # near-duplicate diffs by SHA-256 of the pair of texts
+        self.ephemeral = LRU(EPHEMERAL_MEMORY)  # ephemeral blocks by the exact history before them
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
         self.scans = Handover(64)  # near-duplicate scans to resume, by the exact history they cover
         self.pieces = LRU(4096)  # upstream JSON of history messages, by their content

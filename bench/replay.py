@@ -33,7 +33,7 @@ from fake_deepseek import CHARS_PER_TOKEN, PrefixCache, render_message  # noqa: 
 from report import Report  # noqa: E402
 from sessions import SESSIONS  # noqa: E402
 
-OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, NEAR_DUPLICATES=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
+OFF = dict(DEDUP_BOILERPLATE=False, DEDUP_TOOL_OUTPUTS=False, NEAR_DUPLICATES=False, KEEP_EPHEMERAL=False, MARKDOWN_DEDUP="off", COMPRESS_SYSTEM=False,
            SUMMARISE=False, MIN_SEGMENT_CHARS=0, SUMMARY_WATERMARK=0.7)
 CONFIGS = {
     "baseline": OFF,
@@ -41,6 +41,9 @@ CONFIGS = {
     "dedup_boilerplate+paragraphs": dict(OFF, DEDUP_BOILERPLATE=True, MIN_SEGMENT_CHARS=400),
     "dedup_tool_outputs": dict(OFF, DEDUP_TOOL_OUTPUTS=True),
     "near_duplicates": dict(OFF, NEAR_DUPLICATES=True),
+    "keep_ephemeral": dict(OFF, KEEP_EPHEMERAL=True),
+    "defaults-no-ephemeral": dict(KEEP_EPHEMERAL=False),
+    "defaults-reanchor-0.5": dict(EPHEMERAL_REANCHOR=0.5),
     "markdown=first": dict(OFF, MARKDOWN_DEDUP="first"),
     "markdown=latest": dict(OFF, MARKDOWN_DEDUP="latest"),
     "markdown=auto": dict(OFF, MARKDOWN_DEDUP="auto"),

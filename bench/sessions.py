@@ -173,34 +173,51 @@ def cline_session(seed=2, user_turns=7, rounds=7):
     return session
 
 
-def aider_session(seed=3, turns=30):
+def aider_session(seed=3, turns=30, edit_format="diff", add_every=0, lint_every=0):
+    """Aider: system prompt, repo map, the history (requests and answers), then every chat file in
+    full after the history (not kept in it), then the new request with the reminder.
+    edit_format "diff" answers with SEARCH/REPLACE blocks, "whole" with whole files; add_every: a file
+    is /add-ed to the chat every so many turns; lint_every: a lint-fix round (the linter's output as
+    the next request) every so many turns."""
     gen = Generator(seed)
-    session = Session("aider")
+    session = Session("aider" if edit_format == "diff" else "aider-" + edit_format)
     reminder = "Reply with SEARCH/REPLACE blocks. " + gen.words(200)
     system = "Act as an expert software developer. " + gen.words(600) + "\n" + reminder
-    files = {"lib/core%d.py" % i: gen.code_file(gen.random.randint(250, 400)) for i in range(14)}
+    pool = {"lib/core%d.py" % i: gen.code_file(gen.random.randint(250, 400)) for i in range(20)}
+    files = dict(sorted(pool.items())[:14 if not add_every else 6])
     repo_map = "\n".join("%s:\n  def %s\n  def %s" % (path, gen.identifier(), gen.identifier())
-                         for path in sorted(files) + ["lib/extra%d.py" % i for i in range(40)])
+                         for path in sorted(pool) + ["lib/extra%d.py" % i for i in range(40)])
     done = []  # Aider's "done" messages: the history, append-only
+    lint = None
     for turn in range(turns):
+        if add_every and turn and turn % add_every == 0 and len(files) < len(pool):
+            added = sorted(set(pool) - set(files))[0]
+            files[added] = pool[added]
         fenced = "\n\n".join("%s\n```python\n%s\n```" % (path, text) for path, text in sorted(files.items()))
         current = [
             {"role": "user", "content": "Here are summaries of some files present in my git repository.\n" + repo_map},
             {"role": "assistant", "content": "Ok, I won't try and edit those files without asking first."}]
+        request = lint or gen.words(25)
         session.history = [{"role": "system", "content": system}] + current + done + [
             {"role": "user", "content": "I have *added these files to the chat* so you can go ahead and edit them.\n\n"
                                         + fenced},
             {"role": "assistant", "content": "Ok, any changes I propose will be to those files."},
-            {"role": "user", "content": gen.words(25) + "\n\n" + reminder}]
+            {"role": "user", "content": request + "\n\n" + reminder}]
         path = gen.random.choice(sorted(files))
         old = "\n".join(files[path].split("\n")[10:30])
         files[path] = gen.edit(files[path])
+        pool[path] = files[path]
         new = "\n".join(files[path].split("\n")[10:30])
-        answer = session.call({"role": "assistant", "content": "%s\n```python\n<<<<<<< SEARCH\n%s\n=======\n%s\n"
-                               ">>>>>>> REPLACE\n```" % (path, old, new), "why": "edit " + path})
-        user_request = session.requests[-1]["messages"][-1]["content"]
-        done += [{"role": "user", "content": user_request.replace("\n\n" + reminder, "")},
+        if edit_format == "whole":
+            content = "%s\n```python\n%s\n```" % (path, files[path])
+        else:
+            content = "%s\n```python\n<<<<<<< SEARCH\n%s\n=======\n%s\n>>>>>>> REPLACE\n```" % (path, old, new)
+        answer = session.call({"role": "assistant", "content": content, "why": "edit " + path})
+        done += [{"role": "user", "content": request},
                  {k: v for k, v in answer.items() if k != "reasoning_content"}]
+        lint = ("# Fix any errors below, if possible.\n\n## Running: flake8 %s\n\n%s:%d:1: E302 expected 2 blank "
+                "lines, found 1" % (path, path, gen.random.randint(10, 200))) if lint_every and turn % lint_every == 0 \
+            and not lint else None
     return session
 
 
@@ -336,6 +353,8 @@ def scripted_responder(session, model_seconds=0.0):
 SESSIONS = {"copilot": copilot_session, "cline": cline_session, "aider": aider_session,
             "copilot-long": lambda: copilot_session(seed=4, user_turns=16, rounds=8),
             "cline-long": lambda: cline_session(seed=5, user_turns=13, rounds=8),
+            "aider-whole": lambda: aider_session(seed=6, turns=24, edit_format="whole"),
+            "aider-add-lint": lambda: aider_session(seed=7, turns=30, add_every=6, lint_every=4),
             "copilot-rereads": lambda: rereads_session("copilot"),
             "cline-rereads": lambda: rereads_session("cline"),
             "cline-xml-rereads": lambda: rereads_session("cline-xml"),

@@ -240,7 +240,7 @@ class Planning(unittest.TestCase):
         messages = self.conversation(5)
         plan = dp.SummaryPlan(2, 9, dp.prefix_fingerprints(messages), 2)
         ctx = dp.RequestContext({}, dp.ProxyState(persist=False, api_key=""))
-        ctx.normalised = messages
+        ctx.normalised = ctx.base = messages
         result = plan.apply(messages, "S", ctx)
         self.assertEqual(result[:3], messages[:3])
         self.assertTrue(result[3]["content"].startswith(dp.SUMMARY_OPEN))
@@ -250,7 +250,7 @@ class Planning(unittest.TestCase):
         messages = self.conversation(5)
         compressed = [dict(m, content="[reference]") if i in (9, 10) else m for i, m in enumerate(messages)]
         ctx = dp.RequestContext({}, dp.ProxyState(persist=False, api_key=""))
-        ctx.normalised = messages
+        ctx.normalised = ctx.base = messages
         ctx.anchor(9, 4)   # points into the summarised part: sent whole again
         ctx.anchor(10, 9)  # points at a kept message right before it: stays as it is
         result = dp.SummaryPlan(2, 9, dp.prefix_fingerprints(messages), 2).apply(compressed, "S", ctx)
