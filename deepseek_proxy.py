@@ -134,7 +134,7 @@ RESPONSES_STORE_SIZE = 200  # responses kept for previous_response_id (store: tr
 MAX_RESPONSES_BYTES = 64 * 1024 * 1024  # bytes of stored responses, all together
 
 # -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
-DATA_DIR = "."  # folder of the proxy's files and caches
+DATA_DIR = ""  # folder of the proxy's files and caches; empty: the folder deepseek_proxy.py is in
 SAVE_PREPOST_MSGS = False  # dump each request as received (pre_msg/) and as sent upstream (post_msg/)
 SAVE_PREPOST_SYSTEM = True  # keep original system prompts in pre_sys/ beside their summaries
 MAX_DUMP_FILES = 1000  # message dumps kept per folder; the oldest are removed
@@ -182,31 +182,70 @@ BOILERPLATE_PATTERNS = {
     )
 }
 
-DATA_SUBDIRS = ("pre_sys", "post_sys", "pre_msg", "post_msg")
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 MODEL_PATHS = ("/v1/models", "/models")
 MESSAGES_PATHS = ("/v1/messages", "/messages")
 COUNT_TOKENS_PATHS = ("/v1/messages/count_tokens", "/messages/count_tokens")
 RESPONSES_PATHS = ("/v1/responses", "/responses")
-API_POST_PATHS = CHAT_PATHS + MESSAGES_PATHS + COUNT_TOKENS_PATHS + RESPONSES_PATHS  # routes taking JSON
+EXPLAIN_PATHS = ("/v1/proxy/explain", "/proxy/explain")
+API_POST_PATHS = CHAT_PATHS + MESSAGES_PATHS + COUNT_TOKENS_PATHS + RESPONSES_PATHS + EXPLAIN_PATHS  # take JSON
 
 
 @functools.lru_cache(maxsize=1)
-def config_help():
-    """Flag help from this file's own configuration block: NAME = value  # help (read once)."""
-    helps = {}
+def config_sections():
+    """[(section title, {NAME: help})] from this file's own configuration block: the "# -- " headings
+    and the NAME = value  # help lines under them (read once)."""
+    sections = []
     try:
         with open(os.path.abspath(__file__), encoding="utf-8") as source:
             for line in source:
-                match = re.match(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", line)
-                if match:
-                    helps[match.group(1)] = match.group(2)
                 if line.startswith("# -- End of the flag block"):
                     break
+                if line.startswith("# -- "):
+                    sections.append((line[5:].strip(), {}))
+                match = re.match(r"^([A-Z][A-Z0-9_]*) = .*?  # (.*)$", line)
+                if match and sections:
+                    sections[-1][1][match.group(1)] = match.group(2)
     except OSError:
         pass
-    return helps
+    return sections
+
+
+def config_help():
+    """{NAME: help} of every flag constant."""
+    return {name: text for _title, helps in config_sections() for name, text in helps.items()}
+
+
+def config_problems():
+    """What is wrong with the configuration, one line each (checked at start: exit 2)."""
+    problems = []
+    module = globals()
+    for name in config_help():
+        value = module[name]
+        flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            problems.append("%s must not be negative (got %s)" % (flag, value))
+    if not 0 <= PORT <= 65535:
+        problems.append("--port must be between 0 and 65535 (got %d)" % PORT)
+    parts = urllib.parse.urlsplit(DEEPSEEK_BASE)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        problems.append("--upstream must be an http:// or https:// URL with a host (got %r)" % DEEPSEEK_BASE)
+    if not 1 <= MAX_OUTPUT_TOKENS <= 393216:
+        problems.append("--max-output-tokens must be between 1 and 393216 (got %d)" % MAX_OUTPUT_TOKENS)
+    for name in ("SUMMARY_RATIO", "TAIL_RATIO", "SYSTEM_MAX_RATIO", "NEAR_DUP_MAX_RATIO"):
+        if not 0 < module[name] <= 1:
+            problems.append("--%s must be above 0 and at most 1 (got %s)" % (name.lower().replace("_", "-"), module[name]))
+    if not 0 <= SUMMARY_WATERMARK < 1:
+        problems.append("--summary-watermark must be at least 0 and below 1 (got %s)" % SUMMARY_WATERMARK)
+    for name in ("MAX_CACHE_SIZE", "SUMMARY_CACHE_SIZE", "MAX_CONNECTIONS", "MAX_CONTEXT", "RESPONSES_STORE_SIZE",
+                 "EPHEMERAL_MEMORY", "MAX_DUMP_FILES", "MAX_SYSTEM_PROMPTS"):
+        if module[name] < 1:
+            problems.append("--%s must be at least 1 (got %s)" % (name.lower().replace("_", "-"), module[name]))
+    for name in ("UPSTREAM_TIMEOUT", "CLIENT_TIMEOUT", "IDLE_TIMEOUT"):
+        if module[name] <= 0:
+            problems.append("--%s must be above 0 (got %s)" % (name.lower().replace("_", "-"), module[name]))
+    return problems
 
 
 def configuration():
@@ -234,26 +273,43 @@ def parse_args(argv=None):
     """Build one flag per configuration constant and write the parsed values back into the module."""
     helps = config_help()
     parser = argparse.ArgumentParser(
-        description="OpenAI-compatible proxy for DeepSeek that cuts tokens and cost.",
+        usage="%(prog)s [--port PORT] [--host HOST] [options]",
+        description="An OpenAI-compatible (and Anthropic Messages / OpenAI Responses) proxy for DeepSeek that "
+                    "cuts what coding agents spend. The DeepSeek key comes from DEEPSEEK_API_KEY, else from the "
+                    "first line of K.dat (in --data-dir, then beside this script).",
+        epilog="Environment: DEEPSEEK_API_KEY (the DeepSeek key), DEEPSEEK_BASE_URL (default of --upstream), "
+               "PROXY_API_KEY (default of --proxy-key, kept out of ps), HTTPS_PROXY / NO_PROXY (to reach DeepSeek). "
+               "Dashboard: http://HOST:PORT/. Try without a key: python tests/fake_deepseek.py --port 9000, then "
+               "--upstream http://127.0.0.1:9000 with DEEPSEEK_API_KEY=sk-fake.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version="deepseek-proxy " + __version__)
+    parser.add_argument("--explain", metavar="REQUEST.json",
+                        help="run the pipeline on a saved request (a chat body or a pre_msg/ dump) without a key or "
+                             "any call to DeepSeek, print what would be sent and what each stage did, and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="make a few small real calls to check what the proxy relies on (key, model, thinking "
+                             "with tools, prefix cache, usage), print one line each, and exit")
     module = globals()
     env_defaults = {"DEEPSEEK_BASE": os.environ.get("DEEPSEEK_BASE_URL"),
                     "PROXY_KEY": os.environ.get("PROXY_API_KEY")}
-    for name, help_text in helps.items():
-        default = env_defaults.get(name) or module[name]
-        flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
-        kwargs = {"dest": name, "default": default, "help": help_text}
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kwargs.update(action="append", default=None, metavar="VALUE")
-        else:
-            kwargs["type"] = type(module[name])
-            if name in CHOICES:
-                kwargs["choices"] = CHOICES[name]
-        parser.add_argument(flag, **kwargs)
-    parser.add_argument("--boilerplate-tag", action="append", default=[], metavar="NAME",
-                        help="another XML tag whose blocks count as boilerplate (repeatable)")
+    for title, names in config_sections():
+        group = parser.add_argument_group(title)
+        for name, help_text in names.items():
+            default = env_defaults.get(name) or module[name]
+            flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
+            kwargs = {"dest": name, "default": default, "help": help_text}
+            if isinstance(default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(default, list):
+                kwargs.update(action="append", default=None, metavar="VALUE")
+            else:
+                kwargs["type"] = type(module[name])
+                if name in CHOICES:
+                    kwargs["choices"] = CHOICES[name]
+            group.add_argument(flag, **kwargs)
+        if title.startswith("Deduplication"):
+            group.add_argument("--boilerplate-tag", action="append", default=[], metavar="NAME",
+                               help="another XML tag whose blocks count as boilerplate (repeatable)")
     args = parser.parse_args(argv)
     for name in helps:
         value = getattr(args, name)
@@ -755,10 +811,24 @@ def thinking_enabled(body):
     return not (choice == "required" or isinstance(choice, dict))
 
 
-def build_upstream_body(body, messages, thinking):
+def json_schema_as_json_object(body, messages, notes):
+    """DeepSeek has JSON mode but no schemas: response_format json_schema goes as json_object, with the
+    schema stated in a system message after the conversation (which leaves the cached prefix alone)."""
+    response_format = body.get("response_format")
+    if not (isinstance(response_format, dict) and response_format.get("type") == "json_schema"):
+        return response_format, messages
+    schema = response_format.get("json_schema") or {}
+    notes.append("response_format json_schema sent as json_object with the schema in a system message")
+    instruction = "Answer with a single JSON object only, valid against this JSON schema:\n" + json.dumps(
+        schema.get("schema", schema), ensure_ascii=False, sort_keys=True)
+    return {"type": "json_object"}, messages + [{"role": "system", "content": instruction}]
+
+
+def build_upstream_body(body, messages, thinking, notes=None):
     """The request DeepSeek receives: our model, max_tokens and thinking, the messages as the
     pipeline left them, and only the functional fields. Sampling knobs, n, logprobs, seed, store,
     metadata, user, parallel_tool_calls and the client's own model settings are dropped."""
+    response_format, messages = json_schema_as_json_object(body, messages, notes if notes is not None else [])
     upstream = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": MAX_OUTPUT_TOKENS,
                 "thinking": {"type": "enabled" if thinking else "disabled"}}
     if REASONING_EFFORT and thinking:
@@ -766,6 +836,8 @@ def build_upstream_body(body, messages, thinking):
     for field in FORWARDED_FIELDS:
         if body.get(field) is not None:
             upstream[field] = body[field]
+    if response_format is not None:
+        upstream["response_format"] = response_format
     if body.get("stream"):
         # Always ask for usage: the proxy measures every call. The client gets DeepSeek's chunks
         # unchanged either way ("usage": null on earlier chunks is valid OpenAI shape).
@@ -1126,6 +1198,7 @@ class RequestContext:
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
+        self.explain = False  # explain mode: no call to DeepSeek, no memory changed
         self.anchors = {}  # message index -> index of the earliest message a compression of it refers to
         self.base = None  # the messages those indices refer to, whole (normalise_messages, keep_ephemeral_blocks)
         self._chain = None
@@ -1484,7 +1557,7 @@ def keep_ephemeral_blocks(messages, ctx):
         if record is not None:
             break
     if record is None or position == count - 3:
-        if record is None or record.pair != pair:
+        if (record is None or record.pair != pair) and not ctx.explain:
             ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
         return messages
     if SUMMARISE and ctx.prompt_tokens(messages) >= min(SUMMARY_WATERMARK or SUMMARY_RATIO, SUMMARY_RATIO) * MAX_CONTEXT:
@@ -1495,7 +1568,8 @@ def keep_ephemeral_blocks(messages, ctx):
     current = chat_files(content_text(pair[0].get("content")))
     delta = files_delta(record, current, first_line)
     if len(delta) > EPHEMERAL_REANCHOR * record.size:
-        ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
+        if not ctx.explain:
+            ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
         ctx.notes.append("ephemeral block re-anchored")
         return messages
     ctx.removed("keep_ephemeral_blocks", content_text(pair[0].get("content")), delta)
@@ -1983,11 +2057,12 @@ class SystemPromptStore:
         self.capped = LRU(1024)  # digests already reported as over the hourly cap
         self._lock = threading.Lock()
 
-    def lookup(self, text):
-        """The text to send for this system prompt: its summary, or None while there is none."""
+    def lookup(self, text, explain=False):
+        """The text to send for this system prompt: its summary, or None while there is none.
+        With explain=True, only what is stored: nothing is counted or started."""
         digest = sha256_text(text)
         found = self._stored(digest)
-        if found is not None:
+        if found is not None or explain:
             return found
         count = (self.seen.get(digest) or 0) + 1
         self.seen.put(digest, count)
@@ -2089,7 +2164,7 @@ def compress_system_prompt(messages, ctx):
         if message["role"] == "system":
             text = content_text(message.get("content"))
             if len(text) >= SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
-                summary = ctx.state.system_prompts.lookup(text)
+                summary = ctx.state.system_prompts.lookup(text, ctx.explain)
                 if summary is not None and summary != text:
                     ctx.removed("compress_system_prompt", text, summary)
                     ctx.notes.append("system %d->%d chars" % (len(text), len(summary)))
@@ -2194,7 +2269,12 @@ class ConversationSummaries:
     def summarise(self, plan, prefix, ctx, background=False):
         """Make the summary for plan (`prefix`: the messages as sent upstream up to plan.end).
         Returns the summary, or None (failed, backing off, or started in the background). If this
-        conversation already has one under way, wait for that one instead (not in the background)."""
+        conversation already has one under way, wait for that one instead (not in the background).
+        In explain mode nothing is called: the plan is noted instead."""
+        if ctx.explain:
+            ctx.notes.append("would summarise messages %d-%d (%s; no call in explain mode)" % (
+                plan.head, plan.end - 1, "in the background" if background else "now"))
+            return None
         status, done = self.flight.begin(ctx.conversation_key)
         if status == "wait" and not background:
             done.wait(UPSTREAM_TIMEOUT)
@@ -2411,10 +2491,10 @@ class ClientError(Exception):
     """A request the proxy refuses: a status, a message saying what to change, and a code. Each
     front answers it in its API's own error shape."""
 
-    def __init__(self, status, message, code="invalid_request_error", close=False, headers=None):
+    def __init__(self, status, message, code="invalid_request_error", param=None, close=False, headers=None):
         super().__init__(message)
         self.status, self.message, self.code, self.close = status, message, code, close
-        self.headers = headers or {}
+        self.param, self.headers = param, headers or {}
 
 
 def validate_chat_request(body):
@@ -2459,6 +2539,9 @@ def validate_chat_request(body):
         raise ClientError(400, "'tools' must be an array.")
     if not isinstance(body.get("stream", False), (bool, type(None))):
         raise ClientError(400, "'stream' must be a boolean.")
+    if body.get("n") not in (None, 1):
+        raise ClientError(400, "'n' must be 1: DeepSeek returns one choice per request; send separate requests "
+                          "for more.", "unsupported_n", "n")
 
 
 class Prepared:
@@ -2505,7 +2588,7 @@ def prepare(body, state):
     ctx.tokens_in = ctx.prompt_tokens(body["messages"])
     messages = run_pipeline(body["messages"], ctx)
     ctx.tokens_out = ctx.prompt_tokens(messages)
-    return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking))
+    return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking, ctx.notes))
 
 
 def answer_ended(prepared, collector):
@@ -3296,6 +3379,48 @@ class ResponsesFront:
         return error
 
 
+def explain(body, state, front=None):
+    """What the proxy would do with a request, without calling DeepSeek or changing any memory: the
+    body that would be sent, and for each stage the characters and estimated tokens it removed, the
+    messages it changed (with a look at the first few) and its notes; the budget decision."""
+    front = front or (ResponsesFront if isinstance(body, dict) and "input" in body else
+                      AnthropicFront if isinstance(body, dict) and ("system" in body or "stop_sequences" in body
+                                                                     or "anthropic_version" in body) else ChatFront)
+    exchange = front.exchange(body, state)
+    chat_body = exchange.chat_body
+    validate_chat_request(chat_body)
+    ctx = RequestContext(chat_body, state)
+    ctx.explain = True
+    messages = chat_body["messages"]
+    ctx.tokens_in = ctx.prompt_tokens(messages)
+    report = []
+    for stage in PIPELINE:
+        if not stage.enabled():
+            report.append({"stage": stage.name, "enabled": False})
+            continue
+        before, notes = messages, len(ctx.notes)
+        messages = stage.request(messages, ctx)
+        changed = [index for index, (old, new) in enumerate(zip(before, messages)) if old is not new] \
+            if len(before) == len(messages) else list(range(len(messages)))
+        chars = lambda items: sum(len(content_text(m.get("content"))) for m in items)  # noqa: E731
+        report.append({
+            "stage": stage.name, "enabled": True, "messages_in": len(before), "messages_out": len(messages),
+            "chars_removed": chars(before) - chars(messages),
+            "tokens_removed_estimate": ctx.prompt_tokens(before) - ctx.prompt_tokens(messages),
+            "messages_changed": len(changed), "notes": ctx.notes[notes:],
+            "examples": [{"index": index, "before": content_text(before[index].get("content"))[:300],
+                          "after": content_text(messages[index].get("content"))[:300]}
+                         for index in changed[:3] if len(before) == len(messages)]})
+    ctx.tokens_out = ctx.prompt_tokens(messages)
+    budget = SUMMARY_RATIO * MAX_CONTEXT
+    return {"front": front.__name__.replace("Front", "").lower(), "notes": exchange.notes + ctx.notes,
+            "tokens_in_estimate": ctx.tokens_in, "tokens_out_estimate": ctx.tokens_out,
+            "budget": {"tokens": int(budget), "watermark": int(SUMMARY_WATERMARK * MAX_CONTEXT),
+                       "decision": "over the budget" if ctx.tokens_in >= budget else
+                       "past the watermark" if ctx.tokens_in >= SUMMARY_WATERMARK * MAX_CONTEXT else "under the budget"},
+            "stages": report, "would_send": build_upstream_body(chat_body, messages, ctx.thinking)}
+
+
 # =====================================================================================================
 # Accounting and the dashboard: /stats from DeepSeek's own usage figures, the request log line, the
 # message dumps, and the self-contained dashboard page.
@@ -3306,17 +3431,12 @@ class Stats:
     A call whose usage is missing counts in `unmeasured_calls`, never as zero tokens."""
 
     SERIES_MINUTES = 1440  # one day of per-minute points
-    REQUIRED = ("requests", "upstream_requests", "summary_requests", "failed_requests",
-                "client_prompt_tokens_estimate", "sent_prompt_tokens_estimate", "upstream_prompt_tokens",
-                "cache_hit_tokens", "cache_miss_tokens", "completion_tokens", "reasoning_tokens", "cost_usd",
-                "summary_cost_usd", "tokens_saved_estimate", "saved_usd_estimate", "reasoning_restored",
-                "reasoning_filled_empty", "unmeasured_calls")
-
     def __init__(self):
         self.started = time.time()
         self.totals = collections.Counter()
         self.per_model = collections.defaultdict(collections.Counter)
         self.series = collections.OrderedDict()  # minute start (epoch seconds) -> Counter
+        self.recent = collections.deque(maxlen=50)  # the last requests, for the dashboard
         self._lock = threading.Lock()
 
     def _add(self, model, values):
@@ -3342,7 +3462,7 @@ class Stats:
                     "reasoning_tokens") or 0,
                 prefix + "cost_usd": usage_cost(usage)}
 
-    def record_request(self, ctx, outcome):
+    def record_request(self, ctx, outcome, entry=None):
         saved = sum(ctx.saved.values())
         values = collections.Counter({"requests": 1, "failed_requests": int(outcome.failed),
                                       "upstream_requests": int(outcome.upstream_called),
@@ -3358,28 +3478,70 @@ class Stats:
         if outcome.upstream_called and not outcome.failed:
             values.update(self.usage_values(outcome.usage))
         self._add(DEFAULT_MODEL, values)
+        if entry is not None:
+            self.remember(entry)
 
     def record_summary(self, usage):
         values = collections.Counter({"summary_requests": 1})
         values.update(self.usage_values(usage, prefix="summary_"))
         self._add(SUMMARY_MODEL or DEFAULT_MODEL, values)
 
-    def snapshot(self, state):
+    def record_refusal(self, status):
+        """A request the proxy answered itself with an error (bad input, a route that does not exist,
+        a refused browser request): counted, by status."""
+        self._add(DEFAULT_MODEL, {"refused_requests": 1, "refused_%d" % status: 1})
+
+    def remember(self, entry):
         with self._lock:
-            totals = dict(self.totals)
-            per_model = {model: dict(values) for model, values in self.per_model.items()}
-            series = [dict(values, minute=minute) for minute, values in self.series.items()]
-        for name in self.REQUIRED:
-            totals.setdefault(name, 0)
-        totals["cache_hit_ratio"] = round(totals["cache_hit_tokens"] / totals["upstream_prompt_tokens"], 4) \
-            if totals["upstream_prompt_tokens"] else None
-        return {"uptime_s": round(time.time() - self.started, 1), **totals, "totals": totals,
-                "per_model": per_model, "per_minute": series,
-                "prices_usd_per_million": {"input_cache_hit": PRICE_INPUT_CACHE_HIT,
-                                           "input_cache_miss": PRICE_INPUT_CACHE_MISS, "output": PRICE_OUTPUT},
-                "reasoning_cache_entries": len(state.reasoning),
-                "reasoning_cache_conversations": len(state.reasoning.conversations),
-                "summary_cache_entries": len(state.summaries.entries)}
+            self.recent.append(entry)
+
+    def snapshot(self, state):
+        """/stats: every figure once, money rounded to the micro-dollar, ratios to 4 places. The shape
+        is documented in docs/design.md ("/stats")."""
+        with self._lock:
+            t = collections.Counter(self.totals)
+            series = [(minute, dict(values)) for minute, values in self.series.items()]
+            recent = list(self.recent)
+        usd = lambda value: round(value, 6)  # noqa: E731
+        ratio = lambda part, whole: round(part / whole, 4) if whole else None  # noqa: E731
+        stages = {name[len("saved_by_"):]: tokens for name, tokens in t.items() if name.startswith("saved_by_")}
+        gross = sum(stages.values()) * PRICE_INPUT_CACHE_HIT / 1e6
+        chat, proxy_calls = t["cost_usd"], t["summary_cost_usd"]
+        return {
+            "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+            "requests": {"total": t["requests"], "failed": t["failed_requests"], "refused": t["refused_requests"],
+                         "refused_by_status": {name[len("refused_"):]: count for name, count in sorted(t.items())
+                                               if name.startswith("refused_") and name[8:].isdigit()},
+                         "upstream_calls": t["upstream_requests"], "unmeasured": t["unmeasured_calls"]},
+            "tokens": {"client_prompt_estimate": t["client_prompt_tokens_estimate"],
+                       "sent_prompt_estimate": t["sent_prompt_tokens_estimate"],
+                       "removed_estimate": t["tokens_saved_estimate"], "prompt": t["upstream_prompt_tokens"],
+                       "cache_hit": t["cache_hit_tokens"], "cache_miss": t["cache_miss_tokens"],
+                       "cache_hit_ratio": ratio(t["cache_hit_tokens"], t["upstream_prompt_tokens"]),
+                       "completion": t["completion_tokens"], "reasoning": t["reasoning_tokens"]},
+            "cost_usd": {"chat": usd(chat), "proxy_calls": usd(proxy_calls), "total": usd(chat + proxy_calls)},
+            "savings": {"gross_usd_estimate": usd(gross), "proxy_calls_usd": usd(proxy_calls),
+                        "net_usd_estimate": usd(gross - proxy_calls),
+                        "net_share_of_direct_estimate": ratio(gross - proxy_calls, chat + gross),
+                        "by_stage": {name: {"tokens_estimate": tokens, "usd_estimate": usd(tokens * PRICE_INPUT_CACHE_HIT / 1e6)}
+                                     for name, tokens in sorted(stages.items())}},
+            "proxy_calls": {"requests": t["summary_requests"], "prompt": t["summary_upstream_prompt_tokens"],
+                            "cache_hit": t["summary_cache_hit_tokens"], "completion": t["summary_completion_tokens"],
+                            "unmeasured": t["summary_unmeasured_calls"]},
+            "reasoning": {"restored": t["reasoning_restored"], "filled_empty": t["reasoning_filled_empty"],
+                          "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
+            "caches": {"summaries": len(state.summaries.entries), "responses": len(state.responses.items),
+                       "ephemeral_blocks": len(state.ephemeral)},
+            "prices_usd_per_million": {"input_cache_hit": PRICE_INPUT_CACHE_HIT,
+                                       "input_cache_miss": PRICE_INPUT_CACHE_MISS, "output": PRICE_OUTPUT},
+            "per_minute": [{"minute": minute, "requests": values.get("requests", 0),
+                            "cost_usd": usd(values.get("cost_usd", 0)),
+                            "proxy_calls_cost_usd": usd(values.get("summary_cost_usd", 0)),
+                            "cache_hit_tokens": values.get("cache_hit_tokens", 0),
+                            "cache_miss_tokens": values.get("cache_miss_tokens", 0),
+                            "removed_tokens_estimate": values.get("tokens_saved_estimate", 0)}
+                           for minute, values in series],
+            "recent": recent}
 
     def save(self, path):
         with self._lock:
@@ -3473,8 +3635,9 @@ class MessageDumps:
         self._lock = threading.Lock()
 
     def save(self, prepared):
+        """Queue the dumps of one request; returns their file name (pre_msg/ and post_msg/), or None."""
         if not SAVE_PREPOST_MSGS:
-            return
+            return None
         name = "%s-%06d-%s.json" % (time.strftime("%Y%m%d-%H%M%S"), next(self.sequence) % 1000000,
                                     prepared.ctx.request_id)
         with self._lock:
@@ -3485,6 +3648,8 @@ class MessageDumps:
             self.pending.put_nowait((name, prepared.body, prepared.upstream_body))
         except queue.Full:
             warn_once("message dumps", "the disk is slower than the requests; some dumps skipped")
+            return None
+        return name
 
     def _write_loop(self):
         while True:
@@ -3507,9 +3672,18 @@ class MessageDumps:
 def record(state, prepared, outcome, route):
     """After a request: stats, the dumps, and one log line."""
     ctx = prepared.ctx
-    state.stats.record_request(ctx, outcome)
-    state.dumps.save(prepared)
     usage = outcome.usage or {}
+    dump = state.dumps.save(prepared)
+    state.stats.record_request(ctx, outcome, {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "route": route, "id": ctx.request_id,
+        "model": str(prepared.body.get("model"))[:80], "messages": len(prepared.body.get("messages") or ()),
+        "stream": bool(prepared.body.get("stream")), "status": outcome.status,
+        "tokens_in_estimate": ctx.tokens_in, "tokens_out_estimate": ctx.tokens_out,
+        "prompt_tokens": usage.get("prompt_tokens"), "cache_hit_tokens": usage.get("prompt_cache_hit_tokens"),
+        "completion_tokens": usage.get("completion_tokens"), "cost_usd": round(usage_cost(usage), 6),
+        "removed_by_stage": {stage: tokens for stage, tokens in ctx.saved.items() if tokens},
+        "reasoning_restored": ctx.reasoning_restored, "notes": ctx.notes[:10], "error": outcome.error,
+        "dump": dump})
     saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
     log.info("[%s] POST %s stream=%s msgs=%d est_in=%d est_out=%d status=%s prompt=%s hit=%s "
              "completion=%s cost=$%.6f est_err=%s reasoning restored=%d filled=%d saved=[%s]%s%s %.0fms",
@@ -3665,8 +3839,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self.send_json(200, stored["response"])
         elif path == "/health":
-            self.send_json(200, {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE,
-                                 "model": DEFAULT_MODEL, "api_key_configured": bool(self.state.api_key)})
+            health = {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE, "model": DEFAULT_MODEL,
+                      "api_key_configured": bool(self.state.api_key)}
+            if not self.state.api_key:
+                health.update(status="not_ready", reason="no DeepSeek API key: set DEEPSEEK_API_KEY or write the "
+                                                         "key into K.dat, then restart the proxy")
+            self.send_json(200 if self.state.api_key else 503, health)
         elif path in ("/stats", "/v1/stats"):
             self.send_json(200, self.state.stats.snapshot(self.state))
         elif path in ("/", "/dashboard"):
@@ -3694,6 +3872,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif path in COUNT_TOKENS_PATHS:
             self.front = AnthropicFront
             self.with_client_errors(self.handle_count_tokens)
+        elif path in EXPLAIN_PATHS:
+            self.with_client_errors(self.handle_explain)
         elif path in MODEL_PATHS or path in ("/health", "/stats"):
             self.discard_body()
             self.send_error_json(405, "Use GET for %s." % path, "method_not_allowed")
@@ -3811,6 +3991,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if outcome.status == 200:
                 exchange.finished(prepared, collector, outcome)
             record(self.state, prepared, outcome, self.route())
+
+    def handle_explain(self):
+        """POST /v1/proxy/explain: what the pipeline would do with this request; nothing is sent."""
+        self.check_proxy_key()
+        self.send_json(200, explain(self.read_json_body(), self.state))
 
     def handle_count_tokens(self):
         self.check_proxy_key()
@@ -3982,7 +4167,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ClientError as error:
             if error.close:
                 self.close_connection = True
-            self.send_error_json(error.status, error.message, error.code, error.headers)
+            self.send_error_json(error.status, error.message, error.code, error.headers, error.param)
         except RecursionError:
             self.send_error_json(400, "The request is nested too deeply.", "invalid_json")
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
@@ -4041,8 +4226,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_body(status, json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace"),
                        "application/json", headers)
 
-    def send_error_json(self, status, message, code, headers=None):
-        self.send_json(status, self.front.error(status, message, code), headers)
+    def send_error_json(self, status, message, code, headers=None, param=None):
+        """Every error the proxy answers itself: in the front's shape, one log line, counted in /stats."""
+        log.info("refused %s %s: %d %s", getattr(self, "command", None) or "-",
+                 (getattr(self, "path", None) or "-").split("?", 1)[0][:200], status, message)
+        self.state.stats.record_refusal(status)
+        payload = self.front.error(status, message, code)
+        if param and isinstance(payload.get("error"), dict) and "param" in payload["error"]:
+            payload["error"]["param"] = param
+        self.send_json(status, payload, headers)
 
 
 def model_entry(name):
@@ -4147,7 +4339,7 @@ class ProxyState:
     call (request_summary); a benchmark may give a state a stand-in."""
 
     def __init__(self, data_dir=None, api_key=None, persist=True):
-        self.data_dir = data_dir or DATA_DIR
+        self.data_dir = data_dir or DATA_DIR or SCRIPT_DIR
         self.api_key = load_api_key(self.data_dir) if api_key is None else api_key
         self.upstream = UpstreamPool(DEEPSEEK_BASE, UPSTREAM_POOL_SIZE)
         path = lambda name, on: os.path.join(self.data_dir, name) if (persist and on) else None  # noqa: E731
@@ -4193,12 +4385,7 @@ class ProxyState:
         return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)
 
     def load(self):
-        """Create the data folders and read what earlier runs left."""
-        for sub in DATA_SUBDIRS:
-            try:
-                make_private_dir(os.path.join(self.data_dir, sub))
-            except OSError as error:
-                warn_once("creating " + os.path.join(self.data_dir, sub), error)
+        """Read what earlier runs left. Folders are made when something is first written to them."""
         self.reasoning.load()
         self.summaries.load()
         if self.stats_path:
@@ -4255,9 +4442,128 @@ def save_stats_every_minute(state):
         state.stats.save(state.stats_path)
 
 
+def explain_file(path):
+    """--explain: the explanation of a saved request (a chat, Anthropic or Responses body, or a
+    pre_msg/ dump), printed as JSON; no key needed, nothing sent."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            body = json.load(handle)
+        result = explain(body, ProxyState(api_key="", persist=False))
+    except (OSError, ValueError) as error:
+        print("deepseek_proxy.py: error: cannot read %s: %s" % (path, error), file=sys.stderr)
+        return 2
+    except ClientError as error:
+        print("deepseek_proxy.py: error: %s: %s" % (path, error.message), file=sys.stderr)
+        return 2
+    print(json.dumps(result, ensure_ascii=False, indent=1))
+    return 0
+
+
+def run_check():
+    """--check: a few small real calls (a fraction of a cent) that test what the proxy relies on.
+    One line each: ok, or FAIL with what to do. Exit 0 when everything holds."""
+    state = ProxyState(api_key=None, persist=False)
+    results = []
+
+    def report(ok, text, advice=""):
+        results.append(ok)
+        print("%s  %s%s" % ("ok  " if ok else "FAIL", text, "" if ok else " -> " + advice), flush=True)
+
+    def call(messages, thinking=False, tools=None, stream=False):
+        payload = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": 64,
+                   "thinking": {"type": "enabled" if thinking else "disabled"}}
+        if tools:
+            payload["tools"] = tools
+        if stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
+        with open_upstream(state, payload, retries=1, base_sleep=1.0, timeout=120) as response:
+            raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
+        if not stream:
+            return json.loads(raw)
+        collector = AnswerCollector()
+        for event in raw.split(b"\n\n"):
+            collector.feed_event(event)
+        return collector
+
+    if not state.api_key:
+        report(False, "no DeepSeek API key", "set DEEPSEEK_API_KEY or write the key into K.dat")
+        return 1
+    print("checking %s with model %s" % (DEEPSEEK_BASE, DEFAULT_MODEL), flush=True)
+    try:
+        answer = call([{"role": "user", "content": "Say OK."}])
+        report(True, "key accepted and balance not exhausted")
+        report(answer.get("model") in (DEFAULT_MODEL, None) or DEFAULT_MODEL in str(answer.get("model")),
+               "model %s served (answered as %s)" % (DEFAULT_MODEL, answer.get("model")),
+               "set --default-model to a model DeepSeek serves")
+        usage = answer.get("usage") or {}
+        report(all(key in usage for key in ("prompt_tokens", "completion_tokens", "prompt_cache_hit_tokens")),
+               "usage with cache-hit counts in a whole answer", "the accounting would count it as unmeasured")
+    except UpstreamError as error:
+        report(False, "a first small call: %d %s" % (error.status, error.message()),
+               "check the key (DEEPSEEK_API_KEY / K.dat), the balance and --upstream")
+        return 1
+    tool = [{"type": "function", "function": {"name": "get_time", "description": "The current time.",
+                                              "parameters": {"type": "object", "properties": {}}}}]
+    history = [{"role": "user", "content": "What time is it? Use the tool."},
+               {"role": "assistant", "content": "", "tool_calls": [{"id": "call_check_1", "type": "function",
+                                                                   "function": {"name": "get_time", "arguments": "{}"}}]},
+               {"role": "tool", "tool_call_id": "call_check_1", "content": "12:00"}]
+    try:
+        call(history, thinking=True, tools=tool)
+        report(True, "thinking with tools accepted a turn without reasoning_content: DeepSeek relaxed the "
+                     "rule, so restoring reasoning is no longer needed (it does no harm)")
+    except UpstreamError as error:
+        report(error.status == 400 and "reasoning_content" in error.message(),
+               "thinking with tools rejects a turn without reasoning_content (%d)" % error.status,
+               "unexpected error: %s" % error.message())
+    try:
+        restored = [dict(message, reasoning_content="") if message["role"] == "assistant" else message
+                    for message in history]
+        call(restored, thinking=True, tools=tool)
+        report(True, "thinking with tools accepts the restored (empty) reasoning_content")
+    except UpstreamError as error:
+        report(False, "thinking with tools refused a restored reasoning_content: %s" % error.message(),
+               "the reasoning cache cannot fill unknown turns with \"\"")
+    prefix = [{"role": "system", "content": "Reference text for a cache check. " + " ".join(
+        "Line %d of a long and stable prompt prefix." % number for number in range(400))},
+        {"role": "user", "content": "Say OK."}]
+    hits = 0
+    for attempt in range(3):
+        hits = (call(prefix).get("usage") or {}).get("prompt_cache_hit_tokens") or 0
+        if hits:
+            break
+        if attempt:
+            time.sleep(2.0)  # DeepSeek persists cache units shortly after a request
+    report(hits > 0, "a repeated prefix is reported as cache hits (%d tokens)" % hits,
+           "DeepSeek's prefix cache did not answer: the savings figures assume it")
+    collector = call([{"role": "user", "content": "Say OK."}], stream=True)
+    report(bool(collector.usage) and bool(collector.finish_reason),
+           "a stream ends with usage on its finish chunk", "streamed requests would be counted as unmeasured")
+    print("info  prices configured (USD per 1M tokens): cache hit %s, cache miss %s, output %s; compare them with "
+          "DeepSeek's current pricing and set --price-* if they differ" % (
+              PRICE_INPUT_CACHE_HIT, PRICE_INPUT_CACHE_MISS, PRICE_OUTPUT))
+    state.close()
+    return 0 if all(results) else 1
+
+
+def url_host(host):
+    """A host as it goes in a URL a user can paste: IPv6 in brackets, a wildcard as loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return "[%s]" % host if ":" in host else host
+
+
 def main(argv=None):
-    parse_args(argv)
+    args = parse_args(argv)
+    problems = config_problems()
+    if problems:
+        for problem in problems:
+            print("deepseek_proxy.py: error: " + problem, file=sys.stderr)
+        return 2
     logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
+    if args.explain:
+        return explain_file(args.explain)
+    if args.check:
+        return run_check()
     if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
         log.error("Refusing to listen on %s without --proxy-key: anyone who reaches it could spend your "
                   "DeepSeek key. Set --proxy-key (or PROXY_API_KEY), or pass --allow-open.", HOST)
@@ -4290,8 +4596,9 @@ def main(argv=None):
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
-    log.info("deepseek-proxy %s listening on http://%s:%d/v1 -> %s (model %s, thinking %s)",
-             __version__, host, port, DEEPSEEK_BASE, DEFAULT_MODEL, THINKING_MODE)
+    log.info("deepseek-proxy %s listening on http://%s:%d/v1 -> %s (model %s, thinking %s); dashboard "
+             "http://%s:%d/; files in %s", __version__, url_host(host), port, DEEPSEEK_BASE, DEFAULT_MODEL,
+             THINKING_MODE, url_host(host), port, state.data_dir)
     print("LISTENING %s:%d" % (host, port), flush=True)
     server.serve_forever(poll_interval=0.2)
     drain(server, SHUTDOWN_GRACE)

@@ -127,7 +127,7 @@ def main():
     report.line("| %d | %.0f | %d | %d | %d | %.0f | %.1f | %.1f | %s -> %s | %s -> %s | %d |" % (
         args.sessions, elapsed, len(latencies), len(errors), crossed[0], len(latencies) / elapsed,
         1000 * statistics.median(ordered), 1000 * ordered[int(0.99 * (len(ordered) - 1))],
-        before[0], after[0], before[1], after[1], stats["reasoning_cache_entries"]))
+        before[0], after[0], before[1], after[1], stats["reasoning"]["cache_entries"]))
     for error in errors[:5]:
         report.line("error: %s" % error)
     report.save()

@@ -135,7 +135,8 @@ def main():
             row["client"], row["exit"], row["requests"], row["tool results"],
             "yes" if row["patched"] else "-", "yes" if row["answer"] else "NO", row["seconds"]))
     report.line("\nThe proxy's /stats afterwards: %d requests, %d failed, %d reasoning restored, %d summary calls." % (
-        stats["requests"], stats["failed_requests"], stats["reasoning_restored"], stats["summary_requests"]))
+        stats["requests"]["total"], stats["requests"]["failed"], stats["reasoning"]["restored"],
+        stats["proxy_calls"]["requests"]))
     for row in rows:
         if row["exit"] or not row["answer"]:
             print("--- %s output:\n%s" % (row["client"], row["output"]), file=sys.stderr)

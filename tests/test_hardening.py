@@ -193,9 +193,9 @@ class Load(ProxyTestCase):
                 if message["role"] == "assistant":
                     self.assertTrue(message["reasoning_content"].startswith(first + " "), message)
         stats = json.loads(self.proxy.request("GET", "/stats")[2])
-        self.assertEqual(stats["reasoning_filled_empty"], 0, "no reasoning lost under load")
-        self.assertEqual(stats["reasoning_cache_conversations"], 64)
-        self.assertEqual(stats["failed_requests"], 0)
+        self.assertEqual(stats["reasoning"]["filled_empty"], 0, "no reasoning lost under load")
+        self.assertEqual(stats["reasoning"]["cache_conversations"], 64)
+        self.assertEqual(stats["requests"]["failed"], 0)
 
 
 class DiskTrouble(ProxyTestCase):

@@ -20,7 +20,7 @@ class Pool(ProxyTestCase):
         self.assertEqual(len(self.fake.requests), 4, "no request was sent twice, none failed")
         self.assertEqual(self.fake.connections, 4)
         stats = self.proxy.request("GET", "/stats")[2]
-        self.assertIn(b'"failed_requests": 0', stats)
+        self.assertIn(b'"failed": 0', stats)
 
     def test_an_upstream_restart_costs_nothing(self):
         self.assertEqual(self.proxy.chat(chat_body())[0], 200)

@@ -342,7 +342,7 @@ class HttpDetails(ProxyTestCase):
         self.assertEqual(status, 200)
         self.assertIn("error", events[-1])
         stats = json.loads(self.proxy.request("GET", "/stats")[2])
-        self.assertEqual(stats["failed_requests"], 1)
+        self.assertEqual(stats["requests"]["failed"], 1)
         self.assertIn("status=502", self.proxy.log())
 
 

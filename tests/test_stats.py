@@ -21,35 +21,44 @@ class Stats(ProxyTestCase):
             self.assertEqual(self.proxy.chat(chat_body(stream=stream))[0], 200)
         self.fake.failures.append(("status", 400, {"error": {"message": "bad", "type": "x"}}))
         self.assertEqual(self.proxy.chat(chat_body())[0], 400)
-        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 5))
+        self.assertTrue(wait_for(lambda: self.stats()["requests"]["total"] == 5))
         stats = self.stats()
         usages = self.fake.usages
         self.assertEqual(len(usages), 4)
-        for field, key in (("upstream_prompt_tokens", "prompt_tokens"), ("cache_hit_tokens", "prompt_cache_hit_tokens"),
-                           ("cache_miss_tokens", "prompt_cache_miss_tokens"), ("completion_tokens", "completion_tokens")):
-            self.assertEqual(stats[field], sum(u[key] for u in usages), field)
-        self.assertEqual(stats["reasoning_tokens"], sum(u["completion_tokens_details"]["reasoning_tokens"] for u in usages))
+        for field, key in (("prompt", "prompt_tokens"), ("cache_hit", "prompt_cache_hit_tokens"),
+                           ("cache_miss", "prompt_cache_miss_tokens"), ("completion", "completion_tokens")):
+            self.assertEqual(stats["tokens"][field], sum(u[key] for u in usages), field)
+        self.assertEqual(stats["tokens"]["reasoning"], sum(u["completion_tokens_details"]["reasoning_tokens"] for u in usages))
         cost = sum((u["prompt_cache_hit_tokens"] * 0.028 + u["prompt_cache_miss_tokens"] * 0.14
                     + u["completion_tokens"] * 0.28) / 1e6 for u in usages)
-        self.assertAlmostEqual(stats["cost_usd"], cost, places=12)
-        self.assertEqual((stats["requests"], stats["failed_requests"], stats["upstream_requests"]), (5, 1, 5))
-        self.assertEqual(stats["summary_requests"], 0)
-        self.assertEqual(stats["unmeasured_calls"], 0)
-        self.assertEqual(sum(point.get("requests", 0) for point in stats["per_minute"]), 5)
-        self.assertEqual(stats["per_model"]["deepseek-v4-flash"]["upstream_prompt_tokens"], stats["upstream_prompt_tokens"])
-        for name in ("client_prompt_tokens_estimate", "tokens_saved_estimate", "reasoning_restored",
-                     "reasoning_filled_empty", "uptime_s", "summary_cost_usd"):
-            self.assertIn(name, stats)
+        self.assertAlmostEqual(stats["cost_usd"]["chat"], cost, places=6)
+        requests = stats["requests"]
+        self.assertEqual((requests["total"], requests["failed"], requests["upstream_calls"]), (5, 1, 5))
+        self.assertEqual((stats["proxy_calls"]["requests"], requests["unmeasured"]), (0, 0))
+        self.assertEqual(sum(point["requests"] for point in stats["per_minute"]), 5)
+        self.assertEqual(len(stats["recent"]), 5)
+        self.assertEqual(stats["recent"][-1]["status"], 400)
+        self.assertEqual(stats["recent"][0]["model"], "gpt-4o", "the model the client asked for")
+        self.assertEqual(json.dumps(stats).count('"cache_hit":'), 2, "each figure in one place (and proxy calls')")
 
     def test_missing_usage_is_unmeasured_not_zero(self):
         self.fake.omit_usage = True
         self.proxy.chat(chat_body(stream=True))
         self.proxy.chat(chat_body())
-        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 2))
+        self.assertTrue(wait_for(lambda: self.stats()["requests"]["total"] == 2))
         stats = self.stats()
-        self.assertEqual(stats["unmeasured_calls"], 2)
-        self.assertEqual(stats["upstream_prompt_tokens"], 0)
-        self.assertIsNone(stats["cache_hit_ratio"])
+        self.assertEqual(stats["requests"]["unmeasured"], 2)
+        self.assertEqual(stats["tokens"]["prompt"], 0)
+        self.assertIsNone(stats["tokens"]["cache_hit_ratio"])
+
+    def test_refusals_are_logged_and_counted(self):
+        self.proxy.request("GET", "/v1/nothing")
+        self.proxy.request("POST", "/v1/chat/completions", b"{not json")
+        self.proxy.request("POST", "/v1/chat/completions", b"{}", {"Content-Type": "text/plain"})
+        requests = self.stats()["requests"]
+        self.assertEqual((requests["refused"], requests["refused_by_status"]), (3, {"400": 1, "404": 1, "415": 1}))
+        self.assertIn("refused GET /v1/nothing: 404", self.proxy.log())
+        self.assertIn("refused POST /v1/chat/completions: 400", self.proxy.log())
 
     def test_per_request_headers(self):
         status, headers, answer = self.proxy.chat(chat_body())
@@ -63,10 +72,10 @@ class Stats(ProxyTestCase):
 
     def test_stats_survive_a_restart(self):
         self.proxy.chat(chat_body())
-        self.assertTrue(wait_for(lambda: self.stats()["requests"] == 1))
+        self.assertTrue(wait_for(lambda: self.stats()["requests"]["total"] == 1))
         self.proxy.stop()
         self.proxy = self.start_proxy()
-        self.assertEqual(self.stats()["requests"], 1)
+        self.assertEqual(self.stats()["requests"]["total"], 1)
 
     def test_dashboard_is_one_self_contained_page(self):
         for path in ("/", "/dashboard"):
@@ -86,15 +95,18 @@ class SummaryAccounting(ProxyTestCase):
         self.proxy.chat({"model": "x", "messages": [{"role": "system", "content": LONG_SYSTEM},
                                                    {"role": "user", "content": "Hi"}]})
         _, _, raw = self.proxy.request("GET", "/stats")
-        self.assertTrue(wait_for(lambda: json.loads(self.proxy.request("GET", "/stats")[2])["requests"] == 1))
+        self.assertTrue(wait_for(lambda: json.loads(self.proxy.request("GET", "/stats")[2])["requests"]["total"] == 1))
         stats = json.loads(self.proxy.request("GET", "/stats")[2])
         summary_usage = [u for u, r in zip(self.fake.usages, [r for r in self.fake.requests]) if is_summary_request(r)]
         chat_usage = [u for u, r in zip(self.fake.usages, self.fake.requests) if not is_summary_request(r)]
-        self.assertEqual(stats["summary_requests"], 1)
-        self.assertEqual(stats["summary_upstream_prompt_tokens"], summary_usage[0]["prompt_tokens"])
-        self.assertEqual(stats["upstream_prompt_tokens"], chat_usage[0]["prompt_tokens"])
-        self.assertGreater(stats["summary_cost_usd"], 0)
-        self.assertGreater(stats["saved_by_compress_system_prompt"], 0)
+        self.assertEqual(stats["proxy_calls"]["requests"], 1)
+        self.assertEqual(stats["proxy_calls"]["prompt"], summary_usage[0]["prompt_tokens"])
+        self.assertEqual(stats["tokens"]["prompt"], chat_usage[0]["prompt_tokens"])
+        self.assertGreater(stats["cost_usd"]["proxy_calls"], 0)
+        savings = stats["savings"]
+        self.assertGreater(savings["by_stage"]["compress_system_prompt"]["tokens_estimate"], 0)
+        self.assertAlmostEqual(savings["net_usd_estimate"], savings["gross_usd_estimate"] - savings["proxy_calls_usd"],
+                               places=6)
 
 
 class MessageDumps(ProxyTestCase):
