@@ -3573,46 +3573,65 @@ DASHBOARD_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>deepseek-proxy</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d2330;background:#f6f7f9}
-h1{font-size:20px;margin:0 0 4px}small{color:#667}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
-.card{background:#fff;border-radius:8px;padding:12px 16px;min-width:150px;box-shadow:0 1px 2px #0002}
-.card b{display:block;font-size:22px}.card span{color:#667;font-size:12px}
-.chart{background:#fff;border-radius:8px;padding:12px;margin:12px 0;box-shadow:0 1px 2px #0002}
-.chart h2{font-size:14px;margin:0 0 6px}svg{width:100%;height:180px}
+body{font:14px/1.45 system-ui,sans-serif;margin:0;padding:16px 20px;color:#1d2330;background:#f4f5f8}
+h1{font-size:20px;margin:0}h2{font-size:15px;margin:0 0 8px}small,.muted{color:#5f6675}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:12px;margin:14px 0}
+.card{background:#fff;border-radius:8px;padding:12px 14px;box-shadow:0 1px 2px #0002}
+.card b{display:block;font-size:22px;margin:2px 0}.card span{color:#5f6675;font-size:12px}
+.good{color:#1b7f4b}.bad{color:#b3261e}em{font-style:normal}
+.panel{background:#fff;border-radius:8px;padding:12px 14px;margin:12px 0;box-shadow:0 1px 2px #0002;overflow-x:auto}
+svg{width:100%;height:200px;display:block}
 .legend i{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px;border-radius:2px}
-td{padding:2px 12px 2px 0}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:4px 10px 4px 0;white-space:nowrap}
+th{color:#5f6675;font-weight:600;border-bottom:1px solid #e3e5ea}td.notes{white-space:normal;min-width:220px}
+.num{text-align:right;font-variant-numeric:tabular-nums}
 </style></head><body>
 <h1>deepseek-proxy</h1><small id="meta">loading...</small>
 <div class="cards" id="cards"></div>
-<div class="chart"><h2>Cost per minute (USD, from DeepSeek's usage)</h2><svg id="cost"></svg>
-<div class="legend"><i style="background:#3b6fd8"></i>chat<i style="background:#e08a1e"></i>proxy's own summaries</div></div>
-<div class="chart"><h2>Prompt tokens per minute</h2><svg id="tokens"></svg>
-<div class="legend"><i style="background:#2a9d6f"></i>cache hit<i style="background:#d84b3b"></i>cache miss
-<i style="background:#8a8fa3"></i>removed by the pipeline (estimate)</div></div>
-<div class="chart"><h2>Tokens removed, by stage (estimate)</h2><table id="stages"></table></div>
+<div class="panel"><h2>Cost per minute (USD, from DeepSeek's usage)</h2><svg id="cost"></svg>
+<div class="legend muted"><i style="background:#3b6fd8"></i>requests<i style="background:#e08a1e"></i>the proxy's own summary calls</div></div>
+<div class="panel"><h2>Prompt tokens per minute</h2><svg id="tokens"></svg>
+<div class="legend muted"><i style="background:#2a9d6f"></i>cache hit<i style="background:#d84b3b"></i>cache miss<i style="background:#9aa0b0"></i>removed by the pipeline (estimate)</div></div>
+<div class="panel"><h2>Savings by stage (estimate: removed tokens priced as cache hits, a lower bound)</h2><table id="stages"></table></div>
+<div class="panel"><h2>Recent requests</h2><table id="recent"></table></div>
 <script>
-function fmt(n,d){return n==null?"-":Number(n).toLocaleString(undefined,{maximumFractionDigits:d||0})}
-function usd(n){return "$"+Number(n||0).toFixed(4)}
-function bars(svg,points,series){
-  var w=svg.clientWidth||800,h=180,max=1e-12,out="",slot=w/Math.max(points.length,30);
+function num(n,d){return n==null?"-":Number(n).toLocaleString(undefined,{maximumFractionDigits:d||0})}
+function usd(n){return n==null?"-":"$"+Number(n).toFixed(n>=1?2:4)}
+function pct(n){return n==null?"-":(100*n).toFixed(1)+"%"}
+function esc(s){return String(s==null?"":s).replace(/[&<>"]/g,function(c){return{"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;"}[c]})}
+function short(n){return n>=1e6?(n/1e6).toFixed(1)+"M":n>=1e3?(n/1e3).toFixed(n>=1e4?0:1)+"k":num(n)}
+function hhmm(m){var d=new Date(m*1000);return("0"+d.getHours()).slice(-2)+":"+("0"+d.getMinutes()).slice(-2)}
+function chart(svg,points,series,unit){
+  var W=Math.max(300,svg.clientWidth||1000),H=200,L=56,B=22,T=8,now=Math.floor(Date.now()/60000)*60,span=Math.max(30,points.length?Math.ceil((now-points[0].minute)/60)+1:30);
+  span=Math.min(span,240);var start=now-(span-1)*60,slot=(W-L)/span,max=0;
+  points=points.filter(function(p){return p.minute>=start});
   points.forEach(function(p){var t=0;series.forEach(function(s){t+=p[s.key]||0});max=Math.max(max,t)});
-  points.forEach(function(p,i){var y=h-4;series.forEach(function(s){var v=(p[s.key]||0)/max*(h-20);y-=v;
-    out+='<rect x="'+(i*slot+1).toFixed(1)+'" y="'+y.toFixed(1)+'" width="'+Math.max(slot-2,1).toFixed(1)+'" height="'+v.toFixed(1)+'" fill="'+s.color+'"><title>'+new Date(p.minute*1000).toLocaleTimeString()+" "+s.key+": "+fmt(p[s.key],6)+'</title></rect>'})});
-  out+='<text x="4" y="12" font-size="11" fill="#667">max '+fmt(max,4)+' per minute; last '+points.length+' min</text>';
-  svg.innerHTML=points.length?out:'<text x="10" y="90" fill="#667">no requests yet</text>'}
+  var out="";if(!max){svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.innerHTML='<text x="'+(L+10)+'" y="100" fill="#5f6675">no requests in the last '+span+' minutes</text>';return}
+  for(var g=0;g<=4;g++){var y=T+(H-B-T)*(1-g/4);out+='<line x1="'+L+'" x2="'+W+'" y1="'+y+'" y2="'+y+'" stroke="#e3e5ea"/><text x="'+(L-6)+'" y="'+(y+4)+'" font-size="11" text-anchor="end" fill="#5f6675">'+(unit=="$"?"$"+(max*g/4).toFixed(max<0.01?5:3):short(max*g/4))+'</text>'}
+  points.forEach(function(p){var i=(p.minute-start)/60,y=H-B;series.forEach(function(s){var v=(p[s.key]||0)/max*(H-B-T);y-=v;
+    out+='<rect x="'+(L+i*slot+1).toFixed(1)+'" y="'+y.toFixed(1)+'" width="'+Math.max(slot-2,1).toFixed(1)+'" height="'+v.toFixed(1)+'" fill="'+s.color+'"><title>'+hhmm(p.minute)+" "+s.label+": "+(unit=="$"?usd(p[s.key]):num(p[s.key]))+'</title></rect>'})});
+  var ticks=Math.min(W<500?3:6,span);for(var k=0;k<ticks;k++){var m=start+Math.round(k*(span-1)/Math.max(1,ticks-1))*60,x=L+(m-start)/60*slot+slot/2;
+    out+='<text x="'+x.toFixed(1)+'" y="'+(H-5)+'" font-size="11" text-anchor="middle" fill="#5f6675">'+hhmm(m)+'</text>'}
+  svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.setAttribute("preserveAspectRatio","none");svg.innerHTML=out}
 function refresh(){fetch("stats").then(function(r){return r.json()}).then(function(s){
-  document.getElementById("meta").textContent="up "+fmt(s.uptime_s/60,1)+" min, refreshed "+new Date().toLocaleTimeString();
-  var cards=[["Spent",usd(s.cost_usd+s.summary_cost_usd),"chat "+usd(s.cost_usd)+" + summaries "+usd(s.summary_cost_usd)],
-    ["Saved (estimate)",usd(s.saved_usd_estimate),fmt(s.tokens_saved_estimate)+" tokens removed, priced as cache hits"],
-    ["Cache hit",s.cache_hit_ratio==null?"-":(100*s.cache_hit_ratio).toFixed(1)+"%",fmt(s.cache_hit_tokens)+" of "+fmt(s.upstream_prompt_tokens)+" prompt tokens"],
-    ["Requests",fmt(s.requests),fmt(s.failed_requests)+" failed, "+fmt(s.summary_requests)+" summary calls"],
-    ["Reasoning restored",fmt(s.reasoning_restored),fmt(s.reasoning_filled_empty)+" filled with empty"]];
-  document.getElementById("cards").innerHTML=cards.map(function(c){return '<div class="card"><span>'+c[0]+'</span><b>'+c[1]+'</b><span>'+c[2]+'</span></div>'}).join("");
-  var pts=s.per_minute.slice(-120);
-  bars(document.getElementById("cost"),pts,[{key:"cost_usd",color:"#3b6fd8"},{key:"summary_cost_usd",color:"#e08a1e"}]);
-  bars(document.getElementById("tokens"),pts,[{key:"cache_hit_tokens",color:"#2a9d6f"},{key:"cache_miss_tokens",color:"#d84b3b"},{key:"tokens_saved_estimate",color:"#8a8fa3"}]);
-  document.getElementById("stages").innerHTML=Object.keys(s).filter(function(k){return k.indexOf("saved_by_")==0}).map(function(k){return "<tr><td>"+k.slice(9)+"</td><td>"+fmt(s[k])+"</td></tr>"}).join("")||"<tr><td>nothing removed yet</td></tr>";
+  document.getElementById("meta").textContent="version "+s.version+", up "+num(s.uptime_s/60,1)+" min, refreshed "+new Date().toLocaleTimeString();
+  var sv=s.savings,c=s.cost_usd,t=s.tokens,r=s.requests;
+  var cards=[["Spent",usd(c.total),"requests "+usd(c.chat)+" + proxy's calls "+usd(c.proxy_calls)],
+    ["Net saving (estimate)",'<em class="'+(sv.net_usd_estimate>=0?"good":"bad")+'">'+usd(sv.net_usd_estimate)+'</em>',pct(sv.net_share_of_direct_estimate)+" of what direct use would have cost"],
+    ["Gross saving (estimate)",usd(sv.gross_usd_estimate),num(t.removed_estimate)+" tokens removed, priced as cache hits"],
+    ["The proxy's own calls",usd(sv.proxy_calls_usd),num(s.proxy_calls.requests)+" summary calls"],
+    ["Cache hit",pct(t.cache_hit_ratio),num(t.cache_hit)+" of "+num(t.prompt)+" prompt tokens"],
+    ["Requests",num(r.total),num(r.failed)+" failed, "+num(r.refused)+" refused by the proxy"],
+    ["Reasoning restored",num(s.reasoning.restored),num(s.reasoning.filled_empty)+" filled with empty"]];
+  document.getElementById("cards").innerHTML=cards.map(function(x){return '<div class="card"><span>'+x[0]+'</span><b>'+x[1]+'</b><span>'+x[2]+'</span></div>'}).join("");
+  chart(document.getElementById("cost"),s.per_minute,[{key:"cost_usd",label:"requests",color:"#3b6fd8"},{key:"proxy_calls_cost_usd",label:"summary calls",color:"#e08a1e"}],"$");
+  chart(document.getElementById("tokens"),s.per_minute,[{key:"cache_hit_tokens",label:"cache hit",color:"#2a9d6f"},{key:"cache_miss_tokens",label:"cache miss",color:"#d84b3b"},{key:"removed_tokens_estimate",label:"removed",color:"#9aa0b0"}],"tokens");
+  var names=Object.keys(sv.by_stage);
+  document.getElementById("stages").innerHTML=names.length?"<tr><th>stage</th><th class=num>tokens removed</th><th class=num>saved</th></tr>"+names.map(function(k){return "<tr><td>"+esc(k)+"</td><td class=num>"+num(sv.by_stage[k].tokens_estimate)+"</td><td class=num>"+usd(sv.by_stage[k].usd_estimate)+"</td></tr>"}).join("")+"<tr><td>the proxy's own calls</td><td></td><td class=num>-"+usd(sv.proxy_calls_usd)+"</td></tr>":"<tr><td class=muted>nothing removed yet</td></tr>";
+  document.getElementById("recent").innerHTML="<tr><th>time</th><th>model asked</th><th class=num>msgs</th><th class=num>tokens in &rarr; out (est.)</th><th class=num>prompt</th><th class=num>cache hit</th><th class=num>cost</th><th>status</th><th>removed by stage</th><th>notes</th></tr>"+
+    s.recent.slice().reverse().map(function(q){var rm=Object.keys(q.removed_by_stage).map(function(k){return esc(k)+" "+num(q.removed_by_stage[k])}).join(", ");
+      var notes=esc((q.notes||[]).join("; ")+(q.error?" "+q.error:""))+(q.dump?' <a href="dumps/pre_msg/'+esc(q.dump)+'">sent</a> <a href="dumps/post_msg/'+esc(q.dump)+'">forwarded</a>':"");
+      return "<tr><td>"+esc(q.time.slice(11))+"</td><td>"+esc(q.model)+"</td><td class=num>"+q.messages+"</td><td class=num>"+num(q.tokens_in_estimate)+" &rarr; "+num(q.tokens_out_estimate)+"</td><td class=num>"+num(q.prompt_tokens)+"</td><td class=num>"+(q.prompt_tokens?pct(q.cache_hit_tokens/q.prompt_tokens):"-")+"</td><td class=num>"+usd(q.cost_usd)+"</td><td>"+q.status+"</td><td>"+(rm||"-")+"</td><td class=notes>"+notes+"</td></tr>"}).join("");
 }).catch(function(e){document.getElementById("meta").textContent="cannot read /stats: "+e})}
 refresh();setInterval(refresh,5000);
 </script></body></html>
@@ -3847,6 +3866,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(200 if self.state.api_key else 503, health)
         elif path in ("/stats", "/v1/stats"):
             self.send_json(200, self.state.stats.snapshot(self.state))
+        elif path.startswith(("/dumps/pre_msg/", "/dumps/post_msg/")) and DUMP_FILE_NAME.match(path.rsplit("/", 1)[1]):
+            text = read_text(os.path.join(self.state.data_dir, path.split("/")[2], path.rsplit("/", 1)[1]))
+            if text is None:
+                self.send_error_json(404, "No such dump (dumps are kept with --save-prepost-msgs).", "not_found")
+            else:
+                self.send_body(200, text.encode("utf-8", "replace"), "application/json; charset=utf-8")
         elif path in ("/", "/dashboard"):
             self.send_body(200, DASHBOARD_HTML.encode("utf-8"), "text/html; charset=utf-8",
                            {"Cache-Control": "no-store"})

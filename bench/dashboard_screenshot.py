@@ -1,6 +1,7 @@
-"""Drive the real proxy with a bench session against the fake DeepSeek, then screenshot the dashboard.
+"""Drive the real proxy with a bench session against the fake DeepSeek, then screenshot the dashboard
+at a desktop and a phone width.
 
-    python bench/dashboard_screenshot.py [docs/dashboard.png]
+    python bench/dashboard_screenshot.py      # writes docs/dashboard.png and docs/dashboard-phone.png
 
 Needs Debian's chromium (apt-get install chromium). Talks only to 127.0.0.1.
 """
@@ -19,27 +20,38 @@ from helpers import API_KEY, FakeDeepSeek, Proxy  # noqa: E402
 from sessions import SESSIONS, scripted_responder  # noqa: E402
 
 
-def main(output):
+def shoot(url, output, size):
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--hide-scrollbars", "--user-data-dir=" + tempfile.mkdtemp(), "--window-size=%d,%d" % size,
+                    "--virtual-time-budget=3000", "--screenshot=" + os.path.abspath(output), url],
+                   check=True, capture_output=True, timeout=120)
+
+
+def main(folder):
     fake = FakeDeepSeek(API_KEY).start()
-    proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="dashboard-"), ["--system-wait", "5", "--no-persist-stats"])
-    session = SESSIONS["copilot"]()
-    fake.responder = scripted_responder(session)
+    proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="dashboard-"), ["--system-wait", "5", "--no-persist-stats",
+                                                                    "--system-min-seen", "1", "--save-prepost-msgs"])
+    fake.responder = None
     try:
-        for request in session.requests:
-            status, _, body = proxy.chat({"model": "x", "messages": request["messages"], "tools": request["tools"],
-                                          "stream": True})
-            assert status == 200, body
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        "--user-data-dir=" + tempfile.mkdtemp(), "--window-size=1100,880",
-                        "--virtual-time-budget=3000", "--screenshot=" + os.path.abspath(output),
-                        "http://127.0.0.1:%d/" % proxy.port], check=True, capture_output=True, timeout=120)
-        print(json.dumps({k: v for k, v in json.loads(proxy.request("GET", "/stats")[2]).items()
-                          if not isinstance(v, (dict, list))}, indent=1))
+        for name in ("copilot", "aider"):
+            session = SESSIONS[name]()
+            fake.responder = scripted_responder(session)
+            for request in session.requests:
+                status, _, body = proxy.chat({"model": "gpt-5" if name == "copilot" else "claude-sonnet",
+                                              "messages": request["messages"], "tools": request["tools"],
+                                              "stream": True})
+                assert status == 200, body
+        proxy.request("GET", "/v1/nothing")
+        url = "http://127.0.0.1:%d/" % proxy.port
+        shoot(url, os.path.join(folder, "dashboard.png"), (1280, 1150))
+        shoot(url, os.path.join(folder, "dashboard-phone.png"), (390, 2200))
+        stats = json.loads(proxy.request("GET", "/stats")[2])
+        print(json.dumps({key: stats[key] for key in ("requests", "cost_usd", "savings")}, indent=1))
     finally:
         proxy.stop()
         fake.stop()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/dashboard.png")
+    main(sys.argv[1] if len(sys.argv) > 1 else "docs")

@@ -127,6 +127,9 @@ class MessageDumps(ProxyTestCase):
         with open(os.path.join(self.data_dir, "post_msg", post[-1])) as handle:
             upstream = json.load(handle)
         self.assertEqual(client["messages"][0]["role"], "developer")
+        status, _, raw = self.proxy.request("GET", "/dumps/pre_msg/" + pre[-1])
+        self.assertEqual((status, json.loads(raw)), (200, client), "the dashboard links to the dumps")
+        self.assertEqual(self.proxy.request("GET", "/dumps/pre_msg/..%2Fstats.json")[0], 404)
         self.assertEqual(upstream["messages"][0]["role"], "system")
         self.assertEqual(upstream["model"], "deepseek-v4-flash")
         for folder in ("pre_msg", "post_msg"):
