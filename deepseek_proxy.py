@@ -357,7 +357,8 @@ def encode_json(payload, pieces=None):
 
 
 class DiskWarnings:
-    """Disk trouble is reported once per kind, then the feature quietly does without the disk."""
+    """Disk trouble is reported once per kind, then the feature quietly does without the disk (one
+    per ProxyState: `state.warn`)."""
 
     def __init__(self):
         self._seen = set()
@@ -369,9 +370,6 @@ class DiskWarnings:
                 return
             self._seen.add(what)
         log.warning("%s: %s (continuing without it)", what, error)
-
-
-warn_once = DiskWarnings()
 
 
 def make_private_dir(path):
@@ -414,7 +412,7 @@ def read_text(path):
     return text if text.strip() else None
 
 
-def prune_files(folder, pattern, keep):
+def prune_files(folder, pattern, keep, warn):
     """Remove the oldest files of `folder` whose names match `pattern` (files the proxy made) until
     `keep` are left. Other files are never touched."""
     try:
@@ -425,7 +423,7 @@ def prune_files(folder, pattern, keep):
         for _mtime, name in dated[:len(dated) - keep]:
             os.unlink(os.path.join(folder, name))
     except OSError as error:
-        warn_once("pruning " + folder, error)
+        warn("pruning " + folder, error)
 
 
 class LRU:
@@ -506,8 +504,8 @@ class JsonlFile:
     request waits for the disk; a torn last line (full disk, SIGKILL) costs that line only, because
     the next append starts on a fresh line. A corrupt line is skipped when loading."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, warn=None):
+        self.path, self.warn = path, warn or DiskWarnings()
         self.lines = 0
         self._torn = False
         self._queue = queue.Queue(maxsize=100000)
@@ -523,7 +521,7 @@ class JsonlFile:
         except FileNotFoundError:
             return records
         except OSError as error:
-            warn_once("reading " + self.path, error)
+            self.warn("reading " + self.path, error)
             return records
         self._torn = bool(data) and not data.endswith(b"\n")
         for line in data.splitlines():
@@ -543,7 +541,7 @@ class JsonlFile:
         try:
             self._queue.put_nowait(json.dumps(record) + "\n")  # ASCII: any text is safe
         except queue.Full:
-            warn_once("writing " + self.path, "too many pending writes")
+            self.warn("writing " + self.path, "too many pending writes")
 
     def _write_loop(self):
         while True:
@@ -559,7 +557,7 @@ class JsonlFile:
                 self.lines += len(lines)
             except OSError as error:
                 self._torn = True  # part of it may be on disk: start the next write on a fresh line
-                warn_once("writing " + self.path, error)
+                self.warn("writing " + self.path, error)
             finally:
                 for _ in lines:
                     self._queue.task_done()
@@ -571,7 +569,7 @@ class JsonlFile:
             atomic_write(self.path, "".join(json.dumps(record) + "\n" for record in records))
             self.lines, self._torn = len(records), False
         except OSError as error:
-            warn_once("writing " + self.path, error)
+            self.warn("writing " + self.path, error)
 
     def flush(self, timeout=10.0):
         """Wait until everything appended so far is on disk (or failed)."""
@@ -1373,12 +1371,12 @@ class ReasoningCache:
     MAX_CACHE_BYTES characters of reasoning in all. Mirrored to an append-only JSONL file (a
     background writer; compacted when it holds twice what memory does), so a restart loses nothing."""
 
-    def __init__(self, conversations, max_bytes, path=None):
+    def __init__(self, conversations, max_bytes, path=None, warn=None):
         self.capacity, self.max_bytes = max(1, conversations), max_bytes
         self.conversations = collections.OrderedDict()  # conversation -> {turn: reasoning}
         self.bytes = 0
         self.entries = 0
-        self.file = JsonlFile(path) if path else None
+        self.file = JsonlFile(path, warn) if path else None
         self._lock = threading.Lock()
         self._compacting = False
 
@@ -1584,27 +1582,23 @@ def keep_ephemeral_blocks(messages, ctx):
 
 PLACEHOLDER = "[repeated context omitted]"
 DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
-_opener_cache = {}
-
-
 def boilerplate_openers():
     """One regex finding the open tag of any block of BOILERPLATE_PATTERNS (attributes allowed),
     and the close tag of each open tag's name; rebuilt only when the table changes. It starts with a
     literal '<' (re skips to candidates quickly), and attributes are [^<>]*, so an open tag that
     never closes is scanned at most up to the next '<'."""
-    key = tuple(BOILERPLATE_PATTERNS.items())
-    found = _opener_cache.get(key)
-    if found is None:
-        names, closes = [], {}
-        for open_tag, close_tag in BOILERPLATE_PATTERNS.values():
-            name = open_tag[1:].rstrip(">")
-            names.append(re.escape(name))
-            closes[name] = close_tag
-        pattern = re.compile(r"<(%s)(?:\s[^<>]*)?>" % "|".join(sorted(names, key=len, reverse=True)))
-        found = (pattern, closes)
-        _opener_cache.clear()
-        _opener_cache[key] = found
-    return found
+    return compile_openers(tuple(BOILERPLATE_PATTERNS.values()))
+
+
+@functools.lru_cache(maxsize=4)
+def compile_openers(patterns):
+    """(regex, {tag name: close tag}) for a tuple of (open tag, close tag): a memo of compiled regexes."""
+    names, closes = [], {}
+    for open_tag, close_tag in patterns:
+        name = open_tag[1:].rstrip(">")
+        names.append(re.escape(name))
+        closes[name] = close_tag
+    return re.compile(r"<(%s)(?:\s[^<>]*)?>" % "|".join(sorted(names, key=len, reverse=True))), closes
 
 
 def find_boilerplate_blocks(text):
@@ -2142,9 +2136,9 @@ class SystemPromptStore:
     def _save(self, folder, digest, text):
         try:
             atomic_write(self._path(folder, digest), text)
-            prune_files(os.path.join(self.state.data_dir, folder), SYSTEM_FILE_NAME, MAX_SYSTEM_PROMPTS)
+            prune_files(os.path.join(self.state.data_dir, folder), SYSTEM_FILE_NAME, MAX_SYSTEM_PROMPTS, self.state.warn)
         except OSError as error:
-            warn_once("writing " + os.path.join(self.state.data_dir, folder), error)
+            self.state.warn("writing " + os.path.join(self.state.data_dir, folder), error)
 
     def wait_idle(self, timeout=30.0):
         """Wait for summaries under way (tests, benchmarks)."""
@@ -2193,9 +2187,9 @@ class SummaryCache:
     """Conversation summaries by the fingerprint of exactly the messages they replaced (LRU of
     SUMMARY_CACHE_SIZE), mirrored to an append-only JSONL file like the reasoning cache."""
 
-    def __init__(self, capacity, path=None):
+    def __init__(self, capacity, path=None, warn=None):
         self.entries = LRU(capacity)
-        self.file = JsonlFile(path) if path else None
+        self.file = JsonlFile(path, warn) if path else None
 
     def load(self):
         if not self.file:
@@ -3543,14 +3537,14 @@ class Stats:
                            for minute, values in series],
             "recent": recent}
 
-    def save(self, path):
+    def save(self, path, warn):
         with self._lock:
             state = {"totals": dict(self.totals), "per_model": {m: dict(v) for m, v in self.per_model.items()},
                      "series": [[minute, dict(values)] for minute, values in self.series.items()]}
         try:
             atomic_write(path, json.dumps(state))
         except OSError as error:
-            warn_once("writing " + path, error)
+            warn("writing " + path, error)
 
     def load(self, path):
         text = read_text(path)
@@ -3646,8 +3640,8 @@ class MessageDumps:
     by a background thread after the answer. Only bodies, never headers, so no key reaches the disk;
     only the proxy's own dump files are ever pruned."""
 
-    def __init__(self, data_dir):
-        self.data_dir = data_dir
+    def __init__(self, data_dir, warn):
+        self.data_dir, self.warn = data_dir, warn
         self.sequence = itertools.count()  # orders dumps made within the same second
         self.pending = queue.Queue(maxsize=64)
         self.writer = None
@@ -3666,7 +3660,7 @@ class MessageDumps:
         try:
             self.pending.put_nowait((name, prepared.body, prepared.upstream_body))
         except queue.Full:
-            warn_once("message dumps", "the disk is slower than the requests; some dumps skipped")
+            self.warn("message dumps", "the disk is slower than the requests; some dumps skipped")
             return None
         return name
 
@@ -3677,9 +3671,9 @@ class MessageDumps:
                 path = os.path.join(self.data_dir, folder)
                 try:
                     atomic_write(os.path.join(path, name), json.dumps(body, ensure_ascii=False, indent=1))
-                    prune_files(path, DUMP_FILE_NAME, MAX_DUMP_FILES)
+                    prune_files(path, DUMP_FILE_NAME, MAX_DUMP_FILES, self.warn)
                 except (OSError, UnicodeEncodeError) as error:
-                    warn_once("writing message dumps to " + path, error)
+                    self.warn("writing message dumps to " + path, error)
             self.pending.task_done()
 
     def flush(self, timeout=10.0):
@@ -4368,14 +4362,16 @@ class ProxyState:
         self.api_key = load_api_key(self.data_dir) if api_key is None else api_key
         self.upstream = UpstreamPool(DEEPSEEK_BASE, UPSTREAM_POOL_SIZE)
         path = lambda name, on: os.path.join(self.data_dir, name) if (persist and on) else None  # noqa: E731
-        self.reasoning = ReasoningCache(MAX_CACHE_SIZE, MAX_CACHE_BYTES, path("reasoning_cache.jsonl", PERSIST_REASONING))
-        self.summaries = SummaryCache(SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", PERSIST_SUMMARIES))
+        self.warn = DiskWarnings()
+        self.reasoning = ReasoningCache(MAX_CACHE_SIZE, MAX_CACHE_BYTES, path("reasoning_cache.jsonl", PERSIST_REASONING),
+                                        self.warn)
+        self.summaries = SummaryCache(SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", PERSIST_SUMMARIES), self.warn)
         self.system_prompts = SystemPromptStore(self)
         self.conversation_summaries = ConversationSummaries(self)
         self.calibration = TokenCalibration()
         self.stats = Stats()
         self.stats_path = path("stats.json", PERSIST_STATS)
-        self.dumps = MessageDumps(self.data_dir)
+        self.dumps = MessageDumps(self.data_dir, self.warn)
         self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
         self.deltas = LRU(2048)  # near-duplicate diffs by SHA-256 of the pair of texts
         self.ephemeral = LRU(EPHEMERAL_MEMORY)  # ephemeral blocks by the exact history before them
@@ -4429,7 +4425,7 @@ class ProxyState:
                 jsonl.flush()
         self.dumps.flush()
         if self.stats_path:
-            self.stats.save(self.stats_path)
+            self.stats.save(self.stats_path, self.warn)
 
     def close(self):
         self.flush()
@@ -4464,7 +4460,7 @@ def drain(server, grace):
 def save_stats_every_minute(state):
     while True:
         time.sleep(60)
-        state.stats.save(state.stats_path)
+        state.stats.save(state.stats_path, state.warn)
 
 
 def explain_file(path):
