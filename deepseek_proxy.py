@@ -469,32 +469,36 @@ class Handover(LRU):
 class TextMemo:
     """Results of pure functions of one text (token estimates, fence and tag scans, line splits),
     remembered by the text's value: a conversation resends its whole history with every request, and
-    only the new messages need the work. Bounded by entries and by the characters of the texts kept."""
+    only the new messages need the work. Bounded by entries and by the characters of the texts kept
+    (oldest first out; a hit is a lock-free dictionary lookup)."""
 
     MIN_CHARS = 256  # shorter texts are cheaper to recompute than to look up
 
     def __init__(self, capacity=16384, max_chars=64 * 1024 * 1024):
         self.capacity, self.max_chars = capacity, max_chars
-        self.items = collections.OrderedDict()  # (function name, text) -> result
+        self.tables = {}  # function -> {text: result}
+        self.order = collections.deque()  # (table, text) in the order they were added
         self.chars = 0
         self._lock = threading.Lock()
 
     def __call__(self, function, text):
         if len(text) < self.MIN_CHARS:
             return function(text)
-        key = (function.__name__, text)
-        with self._lock:
-            found = self.items.get(key, self)
+        table = self.tables.get(function)
+        if table is not None:
+            found = table.get(text, self)
             if found is not self:
-                self.items.move_to_end(key)
                 return found
         result = function(text)
         with self._lock:
-            if key not in self.items:
-                self.items[key] = result
+            table = self.tables.setdefault(function, {})
+            if text not in table:
+                table[text] = result
+                self.order.append((table, text))
                 self.chars += len(text)
-                while len(self.items) > self.capacity or self.chars > self.max_chars:
-                    (_name, old), _result = self.items.popitem(last=False)
+                while len(self.order) > self.capacity or self.chars > self.max_chars:
+                    old_table, old = self.order.popleft()
+                    old_table.pop(old, None)
                     self.chars -= len(old)
         return result
 
