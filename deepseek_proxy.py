@@ -38,6 +38,7 @@ import collections
 import difflib
 import email.utils
 import functools
+import gc
 import hashlib
 import hmac
 import heapq
@@ -4601,6 +4602,12 @@ def main(argv=None):
     except ValueError as error:
         log.error("%s", error)
         return 2
+    # The caches hold many small long-lived objects and every request parses a large body: the default
+    # collection thresholds rescan them every few hundred allocations, which costs milliseconds per
+    # large request (bench/overhead.py). Collect far less often, and never the objects loaded at start.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100000, 50, 100)
     if state.stats_path:
         threading.Thread(target=save_stats_every_minute, args=(state,), daemon=True, name="stats-saver").start()
     if not state.api_key:
