@@ -3752,10 +3752,16 @@ class Deadlines:
     sends one byte every few seconds cannot hold a thread longer than CLIENT_TIMEOUT."""
 
     def __init__(self):
-        self.heap = []  # (deadline, sequence, socket, armed flag holder)
+        self.heap = []  # (deadline, sequence, socket, token)
         self.sequence = itertools.count()
         self.condition = threading.Condition()
+        self.stopped = False
         threading.Thread(target=self._run, daemon=True, name="deadlines").start()
+
+    def stop(self):
+        with self.condition:
+            self.stopped = True
+            self.condition.notify()
 
     def arm(self, sock, seconds):
         """A token for disarm(); token["expired"] tells the reader that the deadline cut it off."""
@@ -3773,8 +3779,10 @@ class Deadlines:
     def _run(self):
         while True:
             with self.condition:
-                while not self.heap:
+                while not self.heap and not self.stopped:
                     self.condition.wait()
+                if self.stopped:
+                    return
                 deadline, _seq, sock, token = self.heap[0]
                 wait = deadline - time.monotonic()
                 if wait > 0:
@@ -4342,6 +4350,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         finally:
             with self._count_lock:
                 self.connections -= 1
+
+    def server_close(self):
+        super().server_close()
+        self.deadlines.stop()
 
     def handle_error(self, request, client_address):
         """A client that resets its connection is one line, not a traceback."""

@@ -21,7 +21,6 @@ sys.path.insert(0, HERE)
 
 import replay  # noqa: E402
 from report import Report  # noqa: E402
-from sessions import SESSIONS  # noqa: E402
 
 SESSION_NAMES = ("copilot-rereads", "cline-rereads", "cline-xml-rereads", "continue-rereads", "aider")
 CONFIGS = (("direct", replay.OFF), ("defaults, no near-duplicates", {"NEAR_DUPLICATES": False}), ("defaults", {}))
@@ -37,17 +36,12 @@ def main():
     report.line("| session | configuration | requests | characters sent | repeated-line chars | left | cache hit "
                 "| billed $ | vs direct |")
     report.line("|---|---|---|---|---|---|---|---|---|")
-    for name in args.sessions.split(","):
-        session = SESSIONS[name]()
-        direct = None
-        for label, settings in CONFIGS:
-            totals = replay.replay(session, settings)
-            total = totals["cost_in"] + totals["cost_out"]
-            direct = direct or dict(totals, total=total)
-            report.line("| %s | %s | %d | %d | %d | %.1f%% | %.1f%% | %.4f | %+.1f%% |" % (
-                name, label, totals["requests"], totals["chars"], totals["repeated_chars"],
-                100.0 * totals["repeated_chars"] / max(1, direct["repeated_chars"]),
-                100.0 * totals["hit"] / max(1, totals["prompt"]), total, 100.0 * (total - direct["total"]) / direct["total"]))
+    for name, label, totals, direct in replay.compare(args.sessions.split(","), CONFIGS):
+        report.line("| %s | %s | %d | %d | %d | %.1f%% | %.1f%% | %.4f | %+.1f%% |" % (
+            name, label, totals["requests"], totals["chars"], totals["repeated_chars"],
+            100.0 * totals["repeated_chars"] / max(1, direct["repeated_chars"]),
+            100.0 * totals["hit"] / max(1, totals["prompt"]), totals["total"],
+            100.0 * (totals["total"] - direct["total"]) / direct["total"]))
     report.save()
 
 

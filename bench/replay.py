@@ -160,6 +160,19 @@ def replay(session, settings):
     return totals
 
 
+def compare(session_names, configs):
+    """Replay each session under each (label, settings): yields (session name, label, totals, the
+    totals of the session's first configuration); totals["total"] is the whole bill."""
+    for name in session_names:
+        session = SESSIONS[name]()
+        first = None
+        for label, settings in configs:
+            totals = replay(session, settings)
+            totals["total"] = totals["cost_in"] + totals["cost_out"]
+            first = first or totals
+            yield name, label, totals, first
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", default="copilot,cline,aider")
@@ -172,17 +185,13 @@ def main():
     report.line("| session | configuration | requests | input tokens | largest prompt | cache hit | summary calls "
           "| input cost $ | total cost $ | vs baseline | pipeline ms/request |")
     report.line("|---|---|---|---|---|---|---|---|---|---|---|")
-    for session_name in args.sessions.split(","):
-        session = SESSIONS[session_name]()
-        baseline = None
-        for config_name in args.configs.split(","):
-            totals = replay(session, CONFIGS[config_name])
-            total = totals["cost_in"] + totals["cost_out"]
-            baseline = baseline or total
-            report.line("| %s | %s | %d | %d | %d | %.1f%% | %d | %.4f | %.4f | %+.1f%% | %.1f |" % (
-                session_name, config_name, totals["requests"], totals["prompt"], totals["largest"],
-                100.0 * totals["hit"] / max(1, totals["prompt"]), totals["summaries"], totals["cost_in"], total,
-                100.0 * (total - baseline) / baseline, 1000 * totals["pipeline_s"] / totals["requests"]))
+    configs = [(name, CONFIGS[name]) for name in args.configs.split(",")]
+    for session_name, config_name, totals, baseline in compare(args.sessions.split(","), configs):
+        report.line("| %s | %s | %d | %d | %d | %.1f%% | %d | %.4f | %.4f | %+.1f%% | %.1f |" % (
+            session_name, config_name, totals["requests"], totals["prompt"], totals["largest"],
+            100.0 * totals["hit"] / max(1, totals["prompt"]), totals["summaries"], totals["cost_in"], totals["total"],
+            100.0 * (totals["total"] - baseline["total"]) / baseline["total"],
+            1000 * totals["pipeline_s"] / totals["requests"]))
     report.save()
 
 
