@@ -340,15 +340,23 @@ def is_loopback(host):
 MESSAGES_MARK = "\x00messages\x00"
 
 
-def encode_json(payload, pieces=None):
+TOOLS_MARK = "\x00tools\x00"
+
+
+def encode_json(payload, pieces=None, tools_json=None):
     """UTF-8 JSON for DeepSeek, byte-identical to json.dumps(payload, ensure_ascii=False). With
     `pieces` (a function message -> its JSON, remembered across a conversation's requests), the
     messages are assembled from their pieces instead of being encoded again. A lone surrogate (a
     truncated emoji: a valid JSON escape but not text) is found here, where encoding fails, and
     becomes U+FFFD: no scan of every request body."""
     if pieces and isinstance(payload.get("messages"), list):
-        text = json.dumps(dict(payload, messages=MESSAGES_MARK), ensure_ascii=False).replace(
-            json.dumps(MESSAGES_MARK), "[" + ", ".join(map(pieces, payload["messages"])) + "]", 1)
+        marked = dict(payload, messages=MESSAGES_MARK)
+        if tools_json is not None and "tools" in payload:
+            marked["tools"] = TOOLS_MARK
+        text = json.dumps(marked, ensure_ascii=False)
+        if tools_json is not None and "tools" in payload:
+            text = text.replace(json.dumps(TOOLS_MARK), tools_json, 1)
+        text = text.replace(json.dumps(MESSAGES_MARK), "[" + ", ".join(map(pieces, payload["messages"])) + "]", 1)
     else:
         text = json.dumps(payload, ensure_ascii=False)
     try:
@@ -1028,7 +1036,7 @@ def upstream_failure(status, raw, headers, api_key):
     return UpstreamError(status, body, retry_after_seconds(headers))
 
 
-def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None):
+def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, tools_json=None):
     """POST payload to DeepSeek's chat endpoint; returns the UpstreamResponse (status 200).
 
     429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
@@ -1036,7 +1044,7 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None):
     are raised at once as UpstreamError."""
     retries = UPSTREAM_MAX_RETRIES if retries is None else retries
     base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
-    data = encode_json(payload, state.message_json)
+    data = encode_json(payload, state.message_json, tools_json)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + state.api_key,
                "Accept": "text/event-stream" if payload.get("stream") else "application/json",
                "User-Agent": "deepseek-proxy/" + __version__}
@@ -1192,6 +1200,7 @@ class RequestContext:
         self.state = state
         self.request_id = uuid.uuid4().hex[:12]
         self.tools = body.get("tools") or None
+        self.tools_json = json.dumps(self.tools, ensure_ascii=False) if self.tools else None  # encoded once
         self.thinking = thinking_enabled(body)
         self.saved = collections.Counter()  # stage name -> estimated tokens removed
         self.reasoning_restored = 0
@@ -1206,6 +1215,7 @@ class RequestContext:
         self.base = None  # the messages those indices refer to, whole (normalise_messages, keep_ephemeral_blocks)
         self._chain = None
         self._conversation_key = None
+        self._last_count = (None, 0, 0)
         self._token_memo = {}  # id(message) -> (message, tokens)
         self._tools_tokens = None
 
@@ -1238,11 +1248,19 @@ class RequestContext:
         return entry[1]
 
     def prompt_tokens(self, messages):
-        """Estimated prompt tokens of messages plus this request's tool definitions."""
+        """Estimated prompt tokens of messages plus this request's tool definitions (remembered for
+        the last list counted: the budget stage's count is the final one when it changes nothing)."""
+        if self._last_count[0] is messages and self._last_count[1] == len(messages):
+            return self._last_count[2]
         if self._tools_tokens is None:
-            self._tools_tokens = int(self.state.memo(raw_tokens, json.dumps(self.tools)) *
+            self._tools_tokens = int(self.state.memo(raw_tokens, self.tools_json) *
                                      self.state.calibration.factor) if self.tools else 0
-        return REQUEST_OVERHEAD_TOKENS + sum(self.message_tokens(message) for message in messages) + self._tools_tokens
+        total, memo = REQUEST_OVERHEAD_TOKENS + self._tools_tokens, self._token_memo
+        for message in messages:
+            entry = memo.get(id(message))
+            total += entry[1] if entry is not None and entry[0] is message else self.message_tokens(message)
+        self._last_count = (messages, len(messages), total)
+        return total
 
     def anchor(self, index, anchor_index):
         """Record that what a stage sent for messages[index] refers to messages[anchor_index] (a
@@ -4004,7 +4022,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         collector = failure = outcome = None
         client_gone = False
         try:
-            response = open_upstream(self.state, prepared.upstream_body)
+            response = open_upstream(self.state, prepared.upstream_body, tools_json=prepared.ctx.tools_json)
             collector = AnswerCollector()
             if prepared.upstream_body.get("stream"):
                 client_gone = self.relay_stream(response, prepared, collector, exchange)

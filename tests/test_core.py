@@ -156,6 +156,24 @@ class Settle(unittest.TestCase):
         self.assertEqual(calls, ["y"])
 
 
+class UpstreamBody(unittest.TestCase):
+    def test_assembled_from_cached_pieces_byte_identical_to_json_dumps(self):
+        state = dp.ProxyState(persist=False, api_key="")
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        body = {"model": "x", "tools": tools, "tool_choice": "auto", "stream": True, "messages": [
+            {"role": "system", "content": "rules " * 100}, {"role": "user", "content": "caf\u00e9 \U0001F600 " * 50},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                                   "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "output " * 100},
+            {"role": "user", "content": "lone \ud800 surrogate " * 20}]}
+        for _ in range(2):  # the second time from the cache
+            prepared = dp.prepare(json.loads(json.dumps(body)), state)
+            expected = json.dumps(prepared.upstream_body, ensure_ascii=False).encode("utf-16-le", "surrogatepass") \
+                .decode("utf-16-le", "replace").encode("utf-8")
+            self.assertEqual(dp.encode_json(prepared.upstream_body, state.message_json, prepared.ctx.tools_json),
+                             expected)
+
+
 class SeveralProxiesInOneProcess(unittest.TestCase):
     def test_states_share_nothing(self):
         first, second = dp.ProxyState(persist=False, api_key="a"), dp.ProxyState(persist=False, api_key="b")
