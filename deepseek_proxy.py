@@ -332,6 +332,15 @@ def sha256_text(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+# json.dumps(value, ensure_ascii=False) without building an encoder per call (an immutable setting)
+to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def json_string(text):
+    """A text as a JSON string, as json.dumps(..., ensure_ascii=False) writes it."""
+    return to_json(text)
+
+
 def is_loopback(host):
     host = (host or "").strip("[]").lower()
     return host in ("localhost", "::1") or host.startswith("127.")
@@ -1280,10 +1289,6 @@ def echo_digest(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def exact_digest(text):
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 def message_digest(message, memo=None, exact=False):
     """What identifies a message across a client's echoes of it: role, tool_call_id, text without
     trailing whitespace, tool-call ids; not reasoning (clients drop it), not unknown keys. With
@@ -1298,7 +1303,7 @@ def message_digest(message, memo=None, exact=False):
         content = message.get("content")
         calls.append(str(len(content)) if isinstance(content, list) else "")
     record = "\x00".join([message.get("role", ""), message.get("tool_call_id") or "",
-                          memo(exact_digest if exact else echo_digest, text)] + calls)
+                          memo(sha256_text if exact else echo_digest, text)] + calls)
     return hashlib.sha256(record.encode("utf-8", "surrogatepass")).digest()
 
 
@@ -1667,7 +1672,7 @@ def dedup_boilerplate(messages, ctx):
     here = [0]  # index of the message being reduced
 
     def already_seen(segment):
-        fingerprint = ctx.state.memo(exact_digest, segment)
+        fingerprint = ctx.state.memo(sha256_text, segment)
         if fingerprint in seen:
             seen.move_to_end(fingerprint)
             ctx.anchor(here[0], seen[fingerprint])
@@ -1753,7 +1758,7 @@ def dedup_tool_outputs(messages, ctx):
         def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
             if len(text) < MIN_TOOL_OUTPUT_CHARS:
                 return text
-            fingerprint = ctx.state.memo(exact_digest, text)
+            fingerprint = ctx.state.memo(sha256_text, text)
             earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
             if earlier == call_id:
                 return text
@@ -2002,7 +2007,7 @@ def dedup_markdown_blocks(messages, ctx):
         if message["role"] in ("user", "assistant", "tool"):
             for block in ctx.state.memo(find_fenced_blocks, content_text(message.get("content"))):
                 if len(block[4]) >= MIN_BLOCK_CHARS:
-                    occurrences[sha256_text(block[4])].append((index, turn))
+                    occurrences[ctx.state.memo(sha256_text, block[4])].append((index, turn))
     keep = {}  # body hash -> index of the message whose copy stays full
     touched = set()  # messages with a copy to replace
     for fingerprint, places in occurrences.items():
@@ -2025,7 +2030,7 @@ def dedup_markdown_blocks(messages, ctx):
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
                 for start, end, open_line, close_line, body in ctx.state.memo(find_fenced_blocks, text):
-                    fingerprint = sha256_text(body) if len(body) >= MIN_BLOCK_CHARS else None
+                    fingerprint = ctx.state.memo(sha256_text, body) if len(body) >= MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
                         where = "below" if keep[fingerprint] > index else "above"
                         pieces.append(text[last:start])
@@ -4412,20 +4417,13 @@ class ProxyState:
         self.ephemeral = LRU(EPHEMERAL_MEMORY)  # ephemeral blocks by the exact history before them
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
         self.scans = Handover(64)  # near-duplicate scans to resume, by the exact history they cover
-        self.pieces = LRU(4096)  # upstream JSON of history messages, by their content
 
     def message_json(self, message):
-        """json.dumps of one upstream message, remembered for plain messages with long text content
-        (the history a conversation resends), by the value of what is in them."""
-        content = message.get("content")
-        if not isinstance(content, str) or len(content) < 256 or len(message) > 3:
-            return json.dumps(message, ensure_ascii=False)
-        key = (message.get("role"), message.get("tool_call_id"), content, tuple(message))
-        piece = self.pieces.get(key)
-        if piece is None:
-            piece = json.dumps(message, ensure_ascii=False)
-            self.pieces.put(key, piece)
-        return piece
+        """json.dumps of one upstream message (byte-identical), its text content's JSON string taken
+        from the memo: the history a conversation resends is not encoded again."""
+        return "{" + ", ".join(to_json(key) + ": " + (
+            self.memo(json_string, value) if key == "content" and isinstance(value, str) else to_json(value))
+            for key, value in message.items()) + "}"
 
     def line_delta(self, old, new):
         """line_delta(), remembered: a conversation's next request diffs the same pairs again."""
@@ -4434,7 +4432,8 @@ class ProxyState:
         delta = self.deltas.get(key)
         if delta is None:
             delta = line_delta(old, new)
-            self.deltas.put(key, delta)
+            if len(delta) <= 20000:  # a large delta is rarely sent (it does not pay); keeps the cache small
+                self.deltas.put(key, delta)
         return delta
 
     def summarise(self, messages, max_tokens, tools=None, thinking=False):
