@@ -192,7 +192,7 @@ class FakeDeepSeek:
         http.server.ThreadingHTTPServer.request_queue_size = 256
         self.server = http.server.ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.005},
                          daemon=True).start()
         return self
 

@@ -85,7 +85,7 @@ class Proxy(ProxyClient):
         logger.addHandler(self.capture)
         with patched_environ(environment):
             self.state = dp.ProxyState().load()
-        self.server = dp.start_server(self.state, "127.0.0.1", 0, poll_interval=0.01)
+        self.server = dp.start_server(self.state, "127.0.0.1", 0, poll_interval=0.005)
         self.port = self.server.server_address[1]
         self.stopped = False
 

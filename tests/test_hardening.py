@@ -64,7 +64,7 @@ class BadInput(ProxyTestCase):
         bodies = malformed_bodies(rng)
         connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
         statuses = {}
-        for _ in range(1000):
+        for _ in range(600):
             body = next(bodies)
             try:
                 connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
@@ -81,7 +81,7 @@ class BadInput(ProxyTestCase):
             if response.getheader("Connection", "") == "close":
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
-        self.assertGreater(statuses.get(400, 0), 250)
+        self.assertGreater(statuses.get(400, 0), 150)
         self.assertNotIn("Traceback", self.proxy.log())
         status, _, _ = self.proxy.chat({"model": "x", "messages": [{"role": "user", "content": "still there?"}]})
         self.assertEqual(status, 200)
