@@ -33,6 +33,7 @@ Standard library only. License: MIT.
 """
 
 import argparse
+import array
 import base64
 import collections
 import difflib
@@ -44,6 +45,7 @@ import hmac
 import heapq
 import http.client
 import http.server
+import ipaddress
 import itertools
 import json
 import logging
@@ -80,6 +82,7 @@ UPSTREAM_RETRY_BASE_SLEEP = 1.0  # seconds before the first retry, doubled each 
 UPSTREAM_RETRY_AFTER_MAX = 30.0  # seconds; the longest Retry-After from DeepSeek the proxy waits out
 UPSTREAM_POOL_SIZE = 16  # idle kept-open connections to DeepSeek
 MAX_UPSTREAM_EVENT_BYTES = 16 * 1024 * 1024  # bytes; a longer SSE line or whole answer from DeepSeek is an error
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # bytes; a streamed answer from DeepSeek longer than this is cut with an error
 
 # -- Reasoning cache (thinking mode with tools)
 MAX_CACHE_SIZE = 500  # conversations whose assistant reasoning is kept (LRU)
@@ -154,6 +157,7 @@ ALLOWED_HOSTS = []  # more Host names the proxy answers to besides loopback and 
 ALLOW_ORIGINS = []  # web origins allowed to call the proxy, with CORS headers (repeatable; none by default)
 MAX_CONNECTIONS = 64  # concurrent client connections; more are answered 503 at once
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # bytes; larger request bodies get 413 without being read
+MAX_JSON_DEPTH = 128  # arrays and objects nested deeper than this in a request body are a 400
 MAX_BODY_BYTES_IN_FLIGHT = 256 * 1024 * 1024  # bytes of request bodies held at once; beyond, 503
 CLIENT_TIMEOUT = 60.0  # seconds a client has, in total, to send a request's headers and body
 IDLE_TIMEOUT = 30.0  # seconds a kept-open client connection may wait for its next request
@@ -326,6 +330,26 @@ def parse_args(argv=None):
 # =====================================================================================================
 
 log = logging.getLogger("deepseek_proxy")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
+
+
+def printable(text):
+    """Text from a client or from upstream, safe for one log line or one header value: control
+    characters (CR, LF, ...) become \\xNN escapes, so nothing can start a new line or header."""
+    return _CONTROL.sub(lambda match: "\\x%02x" % ord(match.group()) if ord(match.group()) < 256 else " ", text)
+
+
+class OneLineRecords(logging.Filter):
+    """Every log record of the proxy is one line: a name a client chose cannot forge another."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            record.msg, record.args = printable(message), None
+        return True
+
+
+log.addFilter(OneLineRecords())
 
 
 def sha256_text(text):
@@ -342,8 +366,16 @@ def json_string(text):
 
 
 def is_loopback(host):
-    host = (host or "").strip("[]").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """A name that can only mean this machine: exactly `localhost`, or an IP literal in 127.0.0.0/8
+    or ::1. Not `127.attacker.example` or `127.0.0.1.nip.io`: public names an attacker can point at
+    127.0.0.1 (DNS rebinding)."""
+    host = (host or "").strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 MESSAGES_MARK = "\x00messages\x00"
@@ -372,6 +404,40 @@ def encode_json(payload, pieces=None, tools_json=None):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode("utf-8")
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def json_depth(raw):
+    """How deeply arrays and objects nest in raw JSON bytes, by one linear pass in C (strings are
+    cut out first): the same limit on every Python, whose own parsers differ (3.12 accepts far more
+    than 3.9), and no recursion in the proxy's walks over what it accepted."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    steps = _JSON_STRING.sub(b"", raw).translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    return max(itertools.accumulate(array.array("b", steps)), default=0)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def without_lone_surrogates(value):
+    """A parsed JSON value whose strings hold no lone surrogate ("\\ud800" is valid JSON but not
+    text): each becomes U+FFFD, so a field echoed back to the client (model, metadata) always encodes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(key): without_lone_surrogates(item) for key, item in value.items()}
+    return value
 
 
 class DiskWarnings:
@@ -995,6 +1061,25 @@ def redact(text, api_key):
     return _KEY_LIKE.sub("[redacted]", text)
 
 
+def redact_value(value, api_key):
+    """A parsed JSON value with the key removed from every string in it (keys and values), whatever
+    escapes spelled it on the wire."""
+    if isinstance(value, str):
+        return value.replace(api_key, "[redacted]") if api_key and api_key in value else value
+    if isinstance(value, list):
+        return [redact_value(item, api_key) for item in value]
+    if isinstance(value, dict):
+        return {redact_value(key, api_key): redact_value(item, api_key) for key, item in value.items()}
+    return value
+
+
+def leaks_key(raw, parsed, api_key):
+    """The key is in raw upstream bytes, literally or (JSON \\u escapes) once they are decoded."""
+    if not api_key:
+        return False
+    return api_key.encode("utf-8") in raw or (b"\\u" in raw and api_key in to_json(parsed))
+
+
 _KEY_LIKE = re.compile(r"(?i)\bbearer\s+[^\s\"',;]+|\bsk-[A-Za-z0-9_\-]{6,}")
 
 
@@ -1035,7 +1120,7 @@ def upstream_failure(status, raw, headers, api_key):
         status = 502
     else:
         try:
-            parsed = json.loads(text)
+            parsed = redact_value(json.loads(text), api_key)
             if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
                 return UpstreamError(status, parsed, retry_after_seconds(headers))
         except ValueError:
@@ -1425,6 +1510,9 @@ class ReasoningCache:
             return turns.get(turn)
 
     def remember(self, conversation, turn, reasoning):
+        if len(reasoning) > self.max_bytes:  # it would evict everything else and then be one huge line
+            log.info("a reasoning text of %d characters is over --max-cache-bytes; not cached", len(reasoning))
+            return
         if not self._put(conversation, turn, reasoning) or not self.file:
             return
         self.file.append({"c": conversation, "k": turn, "v": reasoning})
@@ -2519,10 +2607,115 @@ class ClientError(Exception):
         self.param, self.headers = param, headers or {}
 
 
-def validate_chat_request(body):
-    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
+# -- Request shapes, checked at each front's edge from one declarative table. A shape is a JSON type
+# (str, bool, dict, list; NUMBER), a tuple of shapes (any of them), {field: shape} (an object whose
+# listed fields, when present and not null, have those shapes; other fields pass), [shape] (an array
+# of such items), or Tagged (an array item told apart by its "type"). What a front later reads from a
+# request has a row here, so a wrong type is a 400 naming the field, never the proxy's 500.
+
+NUMBER = "number"
+
+
+class Tagged:
+    """An object with a string "type" (or `default` when it has none) whose fields are checked by
+    the shape for that type; unknown types pass (the front notes and drops them)."""
+
+    def __init__(self, shapes, default=None):
+        self.shapes, self.default = shapes, default
+
+
+def shape_name(shape):
+    if isinstance(shape, tuple):
+        return " or ".join(shape_name(item) for item in shape)
+    if isinstance(shape, (dict, Tagged)):
+        return "an object"
+    if isinstance(shape, list):
+        return "an array"
+    return {str: "a string", bool: "a boolean", NUMBER: "a number", dict: "an object", list: "an array"}[shape]
+
+
+def fits(value, shape):
+    """Whether value has the shape's outer JSON type (its inside is checked by check_shape)."""
+    if isinstance(shape, tuple):
+        return any(fits(value, item) for item in shape)
+    if isinstance(shape, (dict, Tagged)) or shape is dict:
+        return isinstance(value, dict)
+    if isinstance(shape, list) or shape is list:
+        return isinstance(value, list)
+    if shape is NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, shape)
+
+
+def check_shape(value, shape, path):
+    """Raise ClientError(400) naming the first field of value (at `path`) that lacks its shape."""
+    if not fits(value, shape):
+        raise ClientError(400, "'%s' must be %s." % (path, shape_name(shape)), param=path)
+    if isinstance(shape, tuple):
+        shape = next(item for item in shape if fits(value, item))
+    if isinstance(shape, Tagged):
+        kind = value.get("type", shape.default)
+        if kind is not None and not isinstance(kind, str):
+            raise ClientError(400, "'%s.type' must be a string." % path, param=path + ".type")
+        shape = shape.shapes.get(kind, {})
+    if isinstance(shape, dict):
+        for field, inner in shape.items():
+            if value.get(field) is not None:
+                check_shape(value[field], inner, "%s.%s" % (path, field) if path != "body" else field)
+    elif isinstance(shape, list):
+        for index, item in enumerate(value):
+            check_shape(item, shape[0], "%s[%d]" % (path, index))
+
+
+CHAT_TOOL = {"type": str, "function": {"name": str, "description": str, "parameters": dict}}
+CHAT_REQUEST = {
+    "model": str, "stream": bool,
+    "messages": [{"role": str, "content": (str, [Tagged({"text": {"text": str}})]), "name": str,
+                  "tool_call_id": str, "reasoning_content": str,
+                  "tool_calls": [{"id": str, "type": str, "function": {"name": str, "arguments": str}}]}], "tools": [CHAT_TOOL], "tool_choice": (str, dict),
+    "response_format": {"type": str, "json_schema": {"name": str, "schema": dict}},
+    "stop": (str, [str]), "stream_options": dict}
+ANTHROPIC_TEXT_BLOCKS = [Tagged({"text": {"text": str}})]
+ANTHROPIC_REQUEST = {
+    "model": str, "system": (str, ANTHROPIC_TEXT_BLOCKS), "stream": bool, "metadata": dict,
+    "max_tokens": NUMBER, "stop_sequences": [str], "tool_choice": {"type": str, "name": str}, "thinking": dict,
+    "tools": [{"name": str, "type": str, "description": str, "input_schema": dict}],
+    "messages": [{"role": str, "content": (str, [Tagged({
+        "text": {"text": str},
+        "tool_use": {"id": str, "name": str, "input": dict},
+        "tool_result": {"tool_use_id": str, "is_error": bool, "content": (str, [Tagged({"text": {"text": str}})])},
+        "thinking": {"thinking": str, "signature": str},
+        "redacted_thinking": {"data": str}})])}]}
+RESPONSES_CONTENT = (str, [Tagged({"input_text": {"text": str}, "output_text": {"text": str}, "text": {"text": str},
+                                   "refusal": {"refusal": str}})])
+RESPONSES_FUNCTION_TOOLS = {"function": {"name": str, "description": str, "parameters": dict},
+                            "custom": {"name": str, "description": str, "format": {"syntax": str, "definition": str}}}
+RESPONSES_REQUEST = {
+    "model": str, "instructions": str, "previous_response_id": str, "stream": bool, "store": bool,
+    "metadata": dict, "include": [str], "tool_choice": (str, {"name": str, "namespace": str}),
+    "text": {"format": {"type": str}}, "reasoning": dict, "max_output_tokens": NUMBER,
+    "tools": [Tagged(dict(RESPONSES_FUNCTION_TOOLS, namespace={
+        "name": str, "description": str, "tools": [Tagged(RESPONSES_FUNCTION_TOOLS)]}))],
+    "input": (str, [Tagged({
+        "message": {"role": str, "content": RESPONSES_CONTENT},
+        "reasoning": {"encrypted_content": str, "summary": list},
+        "function_call": {"call_id": str, "name": str, "namespace": str, "arguments": (str, dict)},
+        "custom_tool_call": {"call_id": str, "name": str, "namespace": str, "input": str},
+        "function_call_output": {"call_id": str, "output": RESPONSES_CONTENT},
+        "custom_tool_call_output": {"call_id": str, "output": RESPONSES_CONTENT}}, default="message")])}
+
+
+def check_request(body, shape):
     if not isinstance(body, dict):
         raise ClientError(400, "The request body must be a JSON object.")
+    if "messages" in shape and (not isinstance(body.get("messages"), list) or not body["messages"]):
+        raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
+    check_shape(body, shape, "body")
+
+
+def validate_chat_request(body):
+    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
+    check_request(body, CHAT_REQUEST)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
@@ -2683,7 +2876,8 @@ def seal(state, reasoning):
 
 def unseal(state, token):
     """The reasoning sealed in token, or None when the proxy did not issue it (or it was altered)."""
-    if not isinstance(token, str) or not token.startswith(SEAL_PREFIX) or token.count(".") != 2:
+    if not isinstance(token, str) or not token.startswith(SEAL_PREFIX) or token.count(".") != 2 \
+            or not token.isascii():
         return None
     payload, mac = token[len(SEAL_PREFIX):].split(".")
     expected = hmac.new(signing_key(state.api_key), payload.encode("ascii"), hashlib.sha256).hexdigest()[:32]
@@ -2781,7 +2975,7 @@ def anthropic_text(content, notes):
 
 def anthropic_to_chat(body, state):
     """(chat body, notes) for an Anthropic Messages request."""
-    require(isinstance(body, dict), "The request body must be a JSON object.")
+    check_request(body, ANTHROPIC_REQUEST)
     messages = body.get("messages")
     require(isinstance(messages, list) and messages, "'messages' must be a non-empty array.")
     notes, chat = [], []
@@ -3176,7 +3370,7 @@ class ResponsesExchange(Exchange):
     """One Responses request: DeepSeek's answer as output items and response.* events."""
 
     def __init__(self, body, state):
-        require(isinstance(body, dict), "The request body must be a JSON object.")
+        check_request(body, RESPONSES_REQUEST)
         self.state, self.body, self.notes = state, body, []
         self.tools = ResponsesTools(body.get("tools"), self.notes)
         instructions, self.history = responses_to_chat(body, state, self.tools, self.notes)
@@ -3995,7 +4189,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             allowed = [item.lower().rstrip("/") for item in ALLOW_ORIGINS]
             if origin.lower() in allowed or "*" in allowed:
                 self.cors_origin = origin
-            elif host is None or origin.lower() != "http://" + host.lower():
+            elif not self.own_origin(origin, host):
                 return 403, "Origin %r is not allowed" % origin[:100]
         if self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site") and not self.cors_origin:
             return 403, "a cross-site browser request"
@@ -4003,6 +4197,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 and self.headers.get_content_type() != "application/json":
             return 415, "Content-Type %r is not application/json" % (self.headers.get("Content-Type") or "")
         return None
+
+    def own_origin(self, origin, host):
+        """The proxy's own pages: http://<the Host it was asked by>, or http://<any loopback name or
+        address>:<its port> (a tab on localhost:PORT talking to a proxy bound to 127.0.0.1)."""
+        origin = origin.strip().lower()
+        if host is not None and origin == "http://" + host.strip().lower():
+            return True
+        if not origin.startswith("http://"):
+            return False
+        name, port = split_host(origin[len("http://"):])
+        return is_loopback(name) and port == self.server.server_address[1]
 
     def check_proxy_key(self):
         """With --proxy-key, the client must send it: as a bearer token, or as x-api-key (Anthropic)."""
@@ -4061,9 +4266,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             with response:
                 raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
             answer = json.loads(raw.decode("utf-8"))
-        except (OSError, ValueError, http.client.HTTPException) as error:
+        except (OSError, ValueError, RecursionError, http.client.HTTPException) as error:
             raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
                                                 "upstream_error"))
+        if leaks_key(raw, answer, self.state.api_key):
+            log.warning("[%s] DeepSeek's answer contained the proxy's key; redacted", prepared.ctx.request_id)
+            answer = redact_value(answer, self.state.api_key)
+            raw = to_json(answer).encode("utf-8")
         if isinstance(answer, dict):
             collector.feed_response(answer)
         collector.done = True
@@ -4083,7 +4292,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("X-Accel-Buffering", "no")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        block, size = [], 0
+        block, size, total = [], 0, 0
         try:
             self.write_chunk(exchange.stream_start())
             with response:
@@ -4095,6 +4304,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                                    "DeepSeek's stream broke off: %s" % error)
                         break
                     size += len(line)
+                    total += len(line)
+                    if total > MAX_ANSWER_BYTES:
+                        self.end_stream_with_error(prepared, collector, exchange,
+                                                   "DeepSeek's answer passed %d bytes (--max-answer-bytes)." %
+                                                   MAX_ANSWER_BYTES)
+                        break
                     if size > MAX_UPSTREAM_EVENT_BYTES:
                         self.end_stream_with_error(prepared, collector, exchange,
                                                    "DeepSeek sent an event over %d bytes." % MAX_UPSTREAM_EVENT_BYTES)
@@ -4132,10 +4347,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 continue
             try:
                 chunk = json.loads(data)
+                if leaks_key(data, chunk, self.state.api_key):
+                    chunk = redact_value(chunk, self.state.api_key)
+                    event = b"data: " + to_json(chunk).encode("utf-8") + b"\n\n"
                 collector.feed_chunk(chunk)
                 chunks.append(chunk)
-            except (ValueError, TypeError, AttributeError, KeyError):
+            except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
                 continue  # an odd chunk is still relayed as it came; it just is not understood
+        if self.state.api_key and self.state.api_key.encode("utf-8") in event:  # outside the JSON
+            event = event.replace(self.state.api_key.encode("utf-8"), b"[redacted]")
         answer_ended(prepared, collector)  # no-op until the answer is complete
         if not chunks and not ended:
             self.write_chunk(exchange.stream_keepalive(event))
@@ -4194,8 +4414,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                   "request_timeout", close=True)
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
         self.body_read()
+        if json_depth(raw) > MAX_JSON_DEPTH:
+            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % MAX_JSON_DEPTH,
+                              "invalid_json")
         try:
-            return json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"))
+            return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
         except (ValueError, RecursionError) as error:
@@ -4245,8 +4469,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
             headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage)
         if ctx.notes:
-            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500].encode("ascii", "replace").decode()
+            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
         return headers
+
+    def send_header(self, keyword, value):
+        """Every header value leaves as printable ASCII on one line, whatever client or upstream
+        text went into it."""
+        super().send_header(keyword, printable(str(value)).encode("ascii", "replace").decode("ascii"))
 
     def end_headers(self):
         if self.cors_origin:
