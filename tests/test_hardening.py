@@ -87,8 +87,8 @@ class BadInput(ProxyTestCase):
         self.assertEqual(status, 200)
 
     def test_wrong_types_get_clear_messages(self):
-        cases = [({"messages": [{"role": "user", "content": 5}]}, "content must be a string"),
-                 ({"messages": [{"role": "assistant", "content": "", "tool_calls": "x"}]}, "tool_calls must be"),
+        cases = [({"messages": [{"role": "user", "content": 5}]}, "content' must be a string"),
+                 ({"messages": [{"role": "assistant", "content": "", "tool_calls": "x"}]}, "tool_calls' must be"),
                  ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "text must be a string"),
                  ({"messages": [{"role": "bot", "content": "x"}]}, "role must be one of"),
                  ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
