@@ -35,6 +35,7 @@ Standard library only. License: MIT.
 import argparse
 import array
 import base64
+import bisect
 import collections
 import difflib
 import email.utils
@@ -55,6 +56,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -93,6 +95,7 @@ PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache
 KEEP_EPHEMERAL = True  # keep a context block a client resends after its history where DeepSeek cached it; send changes
 EPHEMERAL_REANCHOR = 0.25  # fraction of the block's size past which its changes go as a fresh full copy
 EPHEMERAL_MEMORY = 256  # conversations whose ephemeral block is remembered (LRU)
+EPHEMERAL_MEMORY_CHARS = 32 * 1024 * 1024  # characters of ephemeral blocks remembered, all conversations together
 
 # -- Deduplication
 DEDUP_BOILERPLATE = True  # remove XML boilerplate blocks already sent earlier in the conversation (F-1)
@@ -107,6 +110,8 @@ MIN_NEAR_DUP_CHARS = 400  # characters; shorter blocks are always sent whole by 
 NEAR_DUP_MAX_RATIO = 0.5  # a delta replaces a block only if it is at most this fraction of the block's size
 NEAR_DUP_MAX_CHAIN = 4  # deltas of deltas before a block is sent whole again (re-anchoring)
 NEAR_DUP_MAX_CHARS = 400000  # characters; longer blocks are not diffed (bounds the work per block)
+SCAN_MEMORY_CHARS = 64 * 1024 * 1024  # characters of near-duplicate scans kept to resume, all conversations together
+DELTA_MEMORY_CHARS = 16 * 1024 * 1024  # characters of computed near-duplicate diffs remembered
 
 # -- System-prompt compression
 COMPRESS_SYSTEM = True  # summarise long, recurring system prompts once through DeepSeek and send the summary
@@ -117,6 +122,7 @@ SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the orig
 SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summary call
 MAX_SYSTEM_PROMPTS = 200  # summaries kept in post_sys/ (and originals in pre_sys/); the oldest are removed
 SYSTEM_SUMMARIES_PER_HOUR = 20  # new system-prompt summary calls per hour; beyond it prompts go unsummarised
+PROXY_CALLS_PER_HOUR = 60  # paid calls the proxy makes on its own per hour, all summaries together; beyond, none
 
 # -- Conversation summarisation
 SUMMARISE = True  # summarise older turns when a conversation passes SUMMARY_RATIO x MAX_CONTEXT
@@ -478,22 +484,84 @@ def atomic_write(path, text):
         raise
 
 
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symlink attack of this kind to refuse
+
+
+def check_own_file(fd, path):
+    """Refuse (OSError) a file the proxy would use that is not a plain file of the user running it
+    with one name: a file planted, hard-linked or swapped in by another local user."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError("%s is not a regular file" % path)
+    if hasattr(os, "geteuid") and (info.st_uid != os.geteuid() or info.st_nlink > 1):
+        raise OSError("%s is not a file of this user's own (owner uid %d, %d links)" % (
+            path, info.st_uid, info.st_nlink))
+
+
 def append_private(path, text):
-    """Append to a private (0600) file, never through a symlink."""
+    """Append to a private (0600) file the proxy made, never through a symlink."""
     make_private_dir(os.path.dirname(path) or ".")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o600)
+    try:
+        check_own_file(fd, path)
+    except OSError:
+        os.close(fd)
+        raise
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
 
 
-def read_text(path):
-    """A file's text, or None when it is missing, unreadable, not UTF-8 or empty."""
+def read_bytes(path, own=True):
+    """A file's bytes; with `own`, only a regular file of this user's, never through a symlink.
+    Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | (NO_FOLLOW if own else 0))
+    with os.fdopen(fd, "rb") as handle:
+        if own:
+            check_own_file(handle.fileno(), path)
+        return handle.read()
+
+
+def read_text(path, own=True):
+    """A file's text, or None when it is missing, unreadable, not UTF-8, empty, or (with `own`) a
+    symlink or another user's file."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = read_bytes(path, own).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     return text if text.strip() else None
+
+
+def data_dir_problems(data_dir):
+    """What makes the data folder unsafe to use, one line each (the proxy then refuses to start).
+    POSIX only. The folder and the proxy's own folders and files in it must be this user's and not
+    symlinks; the data folder must not be writable by others. The proxy's own folders that others
+    may read or write (as git checks them out, 0755) are repaired to 0700."""
+    if not hasattr(os, "geteuid") or not os.path.lexists(data_dir):
+        return []
+    problems, me = [], os.geteuid()
+    for name in ("", "pre_sys", "post_sys", "pre_msg", "post_msg", "reasoning_cache.jsonl",
+                 "summary_cache.jsonl", "stats.json"):
+        path = os.path.join(data_dir, name) if name else data_dir
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            problems.append("cannot inspect %s: %s" % (path, error))
+            continue
+        if stat.S_ISLNK(info.st_mode) and name:
+            problems.append("%s is a symlink; the proxy never follows one in its data folder" % path)
+        elif info.st_uid != me:
+            problems.append("%s belongs to uid %d, not to the user running the proxy (%d)" % (path, info.st_uid, me))
+        elif not name and info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+            problems.append("%s is writable by other users (chmod go-w it, or use --data-dir)" % path)
+        elif name and stat.S_ISDIR(info.st_mode) and info.st_mode & 0o077:
+            try:
+                os.chmod(path, 0o700)
+                log.info("%s was open to other users; made private (0700)", path)
+            except OSError as error:
+                problems.append("cannot make %s private: %s" % (path, error))
+    return problems
 
 
 def prune_files(folder, pattern, keep, warn):
@@ -511,11 +579,14 @@ def prune_files(folder, pattern, keep, warn):
 
 
 class LRU:
-    """A thread-safe bounded mapping; the least recently used entry goes first."""
+    """A thread-safe bounded mapping; the least recently used entry goes first. Bounded by count,
+    and with `max_bytes` also by the sizes given to put() (an entry larger than that is not kept)."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, max_bytes=None):
         self.capacity = max(1, int(capacity))
+        self.max_bytes, self.bytes = max_bytes, 0
         self._items = collections.OrderedDict()
+        self._sizes = {}
         self._lock = threading.Lock()
 
     def get(self, key, default=None):
@@ -525,12 +596,21 @@ class LRU:
             self._items.move_to_end(key)
             return self._items[key]
 
-    def put(self, key, value):
+    def put(self, key, value, size=0):
         with self._lock:
+            self._discard(key)
+            if self.max_bytes is not None and size > self.max_bytes:
+                return
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._sizes[key] = size
+            self.bytes += size
+            while len(self._items) > self.capacity or (self.max_bytes is not None and self.bytes > self.max_bytes):
+                self._discard(next(iter(self._items)))
+
+    def _discard(self, key):
+        if key in self._items:
+            del self._items[key]
+            self.bytes -= self._sizes.pop(key, 0)
 
     def __len__(self):
         with self._lock:
@@ -547,7 +627,9 @@ class Handover(LRU):
 
     def take(self, key):
         with self._lock:
-            return self._items.pop(key, None)
+            value = self._items.get(key)
+            self._discard(key)
+            return value
 
 
 class TextMemo:
@@ -565,7 +647,7 @@ class TextMemo:
         self.chars = 0
         self._lock = threading.Lock()
 
-    def __call__(self, function, text):
+    def __call__(self, function, text, store=True):
         if len(text) < self.MIN_CHARS:
             return function(text)
         table = self.tables.get(function)
@@ -574,6 +656,8 @@ class TextMemo:
             if found is not self:
                 return found
         result = function(text)
+        if not store:
+            return result
         with self._lock:
             table = self.tables.setdefault(function, {})
             if text not in table:
@@ -604,8 +688,7 @@ class JsonlFile:
         """Every readable record, oldest first."""
         records = []
         try:
-            with open(self.path, "rb") as handle:
-                data = handle.read()
+            data = read_bytes(self.path)
         except FileNotFoundError:
             return records
         except OSError as error:
@@ -664,6 +747,33 @@ class JsonlFile:
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+class HourlyBudget:
+    """At most `per_hour` events in any sliding hour (the proxy's own paid calls)."""
+
+    def __init__(self, per_hour):
+        self.per_hour = per_hour
+        self.times = collections.deque()
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def take(self):
+        """Spend one call; False (counted) when the last hour already had per_hour."""
+        now = time.monotonic()
+        with self._lock:
+            while self.times and now - self.times[0] > 3600:
+                self.times.popleft()
+            if len(self.times) >= self.per_hour:
+                self.refused += 1
+                return False
+            self.times.append(now)
+            return True
+
+    def used(self):
+        now = time.monotonic()
+        with self._lock:
+            return sum(1 for moment in self.times if now - moment <= 3600)
 
 
 class SingleFlight:
@@ -871,7 +981,7 @@ def load_api_key(data_dir):
     if key:
         return key
     for folder in (data_dir, SCRIPT_DIR):
-        text = read_text(os.path.join(folder, "K.dat"))
+        text = read_text(os.path.join(folder, "K.dat"), own=False)
         for line in (text or "").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -1312,11 +1422,12 @@ class RequestContext:
         self._last_count = (None, 0, 0)
         self._token_memo = {}  # id(message) -> (message, tokens)
         self._tools_tokens = None
+        self.kept = []  # what to remember once the answer is in (keep())
 
     @property
     def chain(self):
         if self._chain is None:
-            self._chain = history_chain(self.normalised or [], self.state.memo)
+            self._chain = history_chain(self.normalised or [], self.memo)
         return self._chain
 
     @property
@@ -1338,7 +1449,7 @@ class RequestContext:
         entry = self._token_memo.get(id(message))
         if entry is None or entry[0] is not message:
             entry = self._token_memo[id(message)] = (message, message_tokens(
-                message, self.state.calibration.factor, lambda text: self.state.memo(raw_tokens, text)))
+                message, self.state.calibration.factor, lambda text: self.memo(raw_tokens, text)))
         return entry[1]
 
     def prompt_tokens(self, messages):
@@ -1347,7 +1458,7 @@ class RequestContext:
         if self._last_count[0] is messages and self._last_count[1] == len(messages):
             return self._last_count[2]
         if self._tools_tokens is None:
-            self._tools_tokens = int(self.state.memo(raw_tokens, self.tools_json) *
+            self._tools_tokens = int(self.memo(raw_tokens, self.tools_json) *
                                      self.state.calibration.factor) if self.tools else 0
         total, memo = REQUEST_OVERHEAD_TOKENS + self._tools_tokens, self._token_memo
         for message in messages:
@@ -1355,6 +1466,16 @@ class RequestContext:
             total += entry[1] if entry is not None and entry[0] is message else self.message_tokens(message)
         self._last_count = (messages, len(messages), total)
         return total
+
+    def memo(self, function, text):
+        """state.memo(function, text), which explain only reads (explain changes no memory)."""
+        return self.state.memo(function, text, store=not self.explain)
+
+    def keep(self, remember):
+        """Run remember() when DeepSeek has accepted this request and answered (answer_ended):
+        what a stage keeps for the conversation's next request costs no memory for a request
+        DeepSeek rejects, and none for explain."""
+        self.kept.append(remember)
 
     def anchor(self, index, anchor_index):
         """Record that what a stage sent for messages[index] refers to messages[anchor_index] (a
@@ -1364,7 +1485,7 @@ class RequestContext:
 
     def removed(self, stage, text, kept=""):
         """Record that `stage` replaced `text` by `kept`."""
-        memo = self.state.memo
+        memo = self.memo
         self.saved[stage] += int((memo(raw_tokens, text) - memo(raw_tokens, kept)) * self.state.calibration.factor)
 
 
@@ -1581,7 +1702,7 @@ def remember_reasoning(ctx, answer, usage):
     """Answer hook: store the answer's reasoning under the keys the client's echo of it will have."""
     if answer.get("reasoning_content") is None or ctx.normalised is None:
         return
-    turn = hashlib.sha256(ctx.chain[-1] + message_digest(answer, ctx.state.memo)).hexdigest()
+    turn = hashlib.sha256(ctx.chain[-1] + message_digest(answer, ctx.memo)).hexdigest()
     has_assistant = any(message["role"] == "assistant" for message in ctx.normalised)
     ctx.state.reasoning.remember(ctx.conversation_key if has_assistant else turn, turn,
                                  answer["reasoning_content"])
@@ -1642,6 +1763,11 @@ def files_delta(anchor, current, first_line):
     return "\n\n".join(parts)
 
 
+def remember_ephemeral(ctx, key, block):
+    """Remember a block once DeepSeek has accepted the request (a rejected one costs no memory)."""
+    ctx.keep(lambda: ctx.state.ephemeral.put(key, block, 2 * block.size))
+
+
 def keep_ephemeral_blocks(messages, ctx):
     """Keep a client's ephemeral context block where DeepSeek has it cached.
 
@@ -1664,15 +1790,15 @@ def keep_ephemeral_blocks(messages, ctx):
             or messages[-2]["role"] != "assistant" or messages[-2].get("tool_calls"):
         return messages
     pair = messages[-3:-1]
-    chain = history_chain(messages[:-3], ctx.state.memo, exact=True)
+    chain = history_chain(messages[:-3], ctx.memo, exact=True)
     record, position = None, count - 3
     for position in range(count - 3, 0, -1):
         record = ctx.state.ephemeral.get(chain[position])
         if record is not None:
             break
     if record is None or position == count - 3:
-        if (record is None or record.pair != pair) and not ctx.explain:
-            ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
+        if record is None or record.pair != pair:
+            remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
         return messages
     if SUMMARISE and ctx.prompt_tokens(messages) >= min(SUMMARY_WATERMARK or SUMMARY_RATIO, SUMMARY_RATIO) * MAX_CONTEXT:
         return messages  # near the budget: summarisation takes over, on the client's own layout
@@ -1682,8 +1808,7 @@ def keep_ephemeral_blocks(messages, ctx):
     current = chat_files(content_text(pair[0].get("content")))
     delta = files_delta(record, current, first_line)
     if len(delta) > EPHEMERAL_REANCHOR * record.size:
-        if not ctx.explain:
-            ctx.state.ephemeral.put(chain[count - 3], EphemeralBlock(count - 3, pair))
+        remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
         ctx.notes.append("ephemeral block re-anchored")
         return messages
     ctx.removed("keep_ephemeral_blocks", content_text(pair[0].get("content")), delta)
@@ -1760,7 +1885,7 @@ def dedup_boilerplate(messages, ctx):
     here = [0]  # index of the message being reduced
 
     def already_seen(segment):
-        fingerprint = ctx.state.memo(sha256_text, segment)
+        fingerprint = ctx.memo(sha256_text, segment)
         if fingerprint in seen:
             seen.move_to_end(fingerprint)
             ctx.anchor(here[0], seen[fingerprint])
@@ -1798,7 +1923,7 @@ def dedup_boilerplate(messages, ctx):
     def reduce_text(text, role):
         paragraphs = MIN_SEGMENT_CHARS and role == "user"
         pieces, last = [], 0
-        for start, end in ctx.state.memo(find_boilerplate_blocks, text):
+        for start, end in ctx.memo(find_boilerplate_blocks, text):
             plain = text[last:start]
             pieces.append(reduce_paragraphs(plain) if paragraphs else plain)
             block = text[start:end]
@@ -1846,7 +1971,7 @@ def dedup_tool_outputs(messages, ctx):
         def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
             if len(text) < MIN_TOOL_OUTPUT_CHARS:
                 return text
-            fingerprint = ctx.state.memo(sha256_text, text)
+            fingerprint = ctx.memo(sha256_text, text)
             earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
             if earlier == call_id:
                 return text
@@ -1959,13 +2084,89 @@ class BlockIndex:
                     del holders[0]
 
 
+DIFF_GAP_WORK = 10000  # line pairs; a gap between anchors up to this size is diffed by difflib, a larger one is split
+
+
+def matching_runs(old, new, lo1, hi1, lo2, hi2, runs, depth=0):
+    """Append (i, j, n) runs of equal lines between old[lo1:hi1] and new[lo2:hi2], in order, with work
+    linear in the lines (patience diff): the common head and tail; then lines that occur once on each
+    side anchor (the longest chain of them in order on both sides), each anchor grown over equal
+    neighbours, and the gaps between anchors done the same way. A small gap goes to difflib; a gap
+    that is large and anchorless, or nested too deep, stays a replacement (a longer delta, never a
+    wrong one): no input can make the diff quadratic."""
+    while lo1 < hi1 and lo2 < hi2 and old[lo1] == new[lo2]:
+        runs.append((lo1, lo2, 1))
+        lo1, lo2 = lo1 + 1, lo2 + 1
+    tail = []
+    while lo1 < hi1 and lo2 < hi2 and old[hi1 - 1] == new[hi2 - 1]:
+        hi1, hi2 = hi1 - 1, hi2 - 1
+        tail.append((hi1, hi2, 1))
+    if lo1 < hi1 and lo2 < hi2:
+        if (hi1 - lo1) * (hi2 - lo2) <= DIFF_GAP_WORK:
+            matcher = difflib.SequenceMatcher(None, old[lo1:hi1], new[lo2:hi2], autojunk=False)
+            runs.extend((lo1 + i, lo2 + j, n) for i, j, n in matcher.get_matching_blocks() if n)
+        elif depth < 4:
+            anchors = unique_anchors(old, new, lo1, hi1, lo2, hi2)
+            start1, start2 = lo1, lo2
+            for i, j in anchors:
+                if i < start1 or j < start2:
+                    continue  # taken by the previous anchor's growth
+                back = 0
+                while i - back > start1 and j - back > start2 and old[i - back - 1] == new[j - back - 1]:
+                    back += 1
+                matching_runs(old, new, start1, i - back, start2, j - back, runs, depth + 1)
+                forward = 1
+                while i + forward < hi1 and j + forward < hi2 and old[i + forward] == new[j + forward]:
+                    forward += 1
+                runs.extend((i - back + k, j - back + k, 1) for k in range(back + forward))
+                start1, start2 = i + forward, j + forward
+            if anchors:
+                matching_runs(old, new, start1, hi1, start2, hi2, runs, depth + 1)
+    runs.extend(reversed(tail))
+
+
+def unique_anchors(old, new, lo1, hi1, lo2, hi2):
+    """(i, j) of the lines found exactly once in old[lo1:hi1] and once in new[lo2:hi2], the longest
+    chain of them in the same order on both sides (patience sorting, n log n)."""
+    counts = collections.Counter(old[lo1:hi1])
+    where_old = {line: i for i, line in enumerate(old[lo1:hi1], lo1) if counts[line] == 1}
+    counts_new = collections.Counter(new[lo2:hi2])
+    pairs = [(where_old[line], j) for j, line in enumerate(new[lo2:hi2], lo2)
+             if counts_new[line] == 1 and line in where_old]
+    tops, links, back = [], [], []  # pile tops (old index), their pair numbers, each pair's predecessor
+    for number, (i, _j) in enumerate(pairs):
+        pile = bisect.bisect_left(tops, i)
+        back.append(links[pile - 1] if pile else -1)
+        if pile == len(tops):
+            tops.append(i)
+            links.append(number)
+        else:
+            tops[pile], links[pile] = i, number
+    chain, number = [], links[-1] if links else -1
+    while number >= 0:
+        chain.append(pairs[number])
+        number = back[number]
+    return chain[::-1]
+
+
+def line_opcodes(old, new):
+    """difflib-style (tag, i1, i2, j1, j2) for the changed ranges, from matching_runs."""
+    runs = []
+    matching_runs(old, new, 0, len(old), 0, len(new), runs)
+    runs.append((len(old), len(new), 0))
+    codes, i, j = [], 0, 0
+    for i2, j2, size in runs:
+        if i < i2 or j < j2:
+            codes.append(("replace" if i < i2 and j < j2 else "delete" if i < i2 else "insert", i, i2, j, j2))
+        i, j = i2 + size, j2 + size
+    return codes
+
+
 def line_delta(old, new):
     """The zero-context unified diff that turns the lines `old` into `new` exactly; removed runs of
     more than three lines are named by their size, not repeated."""
     out = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new).get_opcodes():
-        if tag == "equal":
-            continue
+    for tag, i1, i2, j1, j2 in line_opcodes(old, new):
         out.append("@@ -%d,%d +%d,%d @@" % (i1 + 1 if i2 > i1 else i1, i2 - i1, j1 + 1 if j2 > j1 else j1, j2 - j1))
         if i2 - i1 <= 3:
             out.extend("-" + line for line in old[i1:i2])
@@ -1983,23 +2184,35 @@ class NearDuplicateScan:
 
     def __init__(self):
         self.index = BlockIndex()
-        self.call_names, self.output, self.anchors, self.saved = {}, [], [], 0
+        self.call_names, self.anchors, self.saved = {}, [], 0
+        self.count = 0  # messages scanned
+        self.changed = {}  # position -> what was sent instead of the message there (only those)
+        self.size = 0  # characters kept (the block index's lines, the changed messages): the LRU's measure
+
+    def output(self, messages):
+        """What was sent for messages[:self.count] (the history the scan covers, exactly)."""
+        return [self.changed.get(position, message) for position, message in enumerate(messages[:self.count])]
 
     def feed(self, message, ctx):
-        position = len(self.output)
+        position = self.count
+        self.count += 1
+        self.size += 64
         for call in message.get("tool_calls") or ():
             self.call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
         role = message["role"]
         if role not in ("tool", "user", "assistant") or not message.get("content"):
-            self.output.append(message)
-            return
+            return message
         if role == "tool":
             label = "the output of tool call %s (%s) above" % (
                 message.get("tool_call_id"), self.call_names.get(message.get("tool_call_id"), "tool"))
             content = map_content_text(message["content"], lambda text: self.block(text, label, position, role, ctx))
         else:
             content = map_content_text(message["content"], lambda text: self.texts(text, position, role, ctx))
-        self.output.append(dict(message, content=content) if content != message["content"] else message)
+        if content == message["content"]:
+            return message
+        self.changed[position] = sent = dict(message, content=content)
+        self.size += len(content_text(content))
+        return sent
 
     def texts(self, text, position, role, ctx):
         """A user or assistant text: a tool result as Cline's XML mode sends it, or its fenced blocks."""
@@ -2007,7 +2220,7 @@ class NearDuplicateScan:
             return self.block(text, "the %s" % text[:text.index("]") + 1], position, role, ctx)
         kind = "an assistant's" if role == "assistant" else "the"
         pieces, last = [], 0
-        for start, end, open_line, close_line, body in ctx.state.memo(find_fenced_blocks, text):
+        for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
             info = open_line.lstrip(" `~").strip()
             label = ("%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")).strip()
             whole = body[:-1] if body.endswith("\n") else body
@@ -2021,7 +2234,7 @@ class NearDuplicateScan:
         """The delta for one block, or the block itself; registers it as a block either way."""
         if not MIN_NEAR_DUP_CHARS <= len(text) <= NEAR_DUP_MAX_CHARS:
             return text
-        lines, numbering = ctx.state.memo(numbered_lines, text)
+        lines, numbering = ctx.memo(numbered_lines, text)
         found = self.index.best_match(lines) if role != "assistant" else None
         sent, depth = text, 0
         if found and found[2] >= 3 and found[1] * 2 >= found[2]:
@@ -2033,7 +2246,7 @@ class NearDuplicateScan:
                 note = NEAR_DUP_NOTE % where
                 if numbering:
                     note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
-                delta = note + "\n" + ctx.state.line_delta(old, lines)
+                delta = note + "\n" + ctx.state.line_delta(old, lines, store=not ctx.explain)
                 if len(delta) <= NEAR_DUP_MAX_RATIO * len(text):
                     sent, depth = delta, old_depth + 1
                     self.anchors.append((position, old_position))
@@ -2042,6 +2255,7 @@ class NearDuplicateScan:
                     ctx.removed("dedup_near_duplicates", text, delta)
                     self.saved += ctx.saved["dedup_near_duplicates"] - before
         self.index.add(lines, label, position, depth, numbering is not None)
+        self.size += len(text) + 50 * len(lines)
         return sent
 
 
@@ -2055,9 +2269,9 @@ def dedup_near_duplicates(messages, ctx):
     NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
     again). Cache-safe: the output for a message depends only on the messages before it, which also
     lets the scan resume where the conversation's previous request left it (NearDuplicateScan)."""
-    chain = history_chain(messages, ctx.state.memo, exact=True)
+    chain = history_chain(messages, ctx.memo, exact=True)
     scan, start = None, 0
-    for start in range(len(messages), 0, -1):
+    for start in range(len(messages), 0, -1) if not ctx.explain else ():
         scan = ctx.state.scans.take(chain[start])
         if scan is not None:
             break
@@ -2067,10 +2281,9 @@ def dedup_near_duplicates(messages, ctx):
         for position, anchor in scan.anchors:
             ctx.anchor(position, anchor)
         ctx.saved["dedup_near_duplicates"] += scan.saved
-    for message in messages[start:]:
-        scan.feed(message, ctx)
-    result = list(scan.output)
-    ctx.state.scans.put(chain[len(messages)], scan)
+    result = scan.output(messages) + [scan.feed(message, ctx) for message in messages[start:]]
+    key = chain[len(messages)]
+    ctx.keep(lambda: ctx.state.scans.put(key, scan, scan.size))
     return result
 
 
@@ -2093,9 +2306,9 @@ def dedup_markdown_blocks(messages, ctx):
         if message["role"] == "assistant":
             turn += 1
         if message["role"] in ("user", "assistant", "tool"):
-            for block in ctx.state.memo(find_fenced_blocks, content_text(message.get("content"))):
+            for block in ctx.memo(find_fenced_blocks, content_text(message.get("content"))):
                 if len(block[4]) >= MIN_BLOCK_CHARS:
-                    occurrences[ctx.state.memo(sha256_text, block[4])].append((index, turn))
+                    occurrences[ctx.memo(sha256_text, block[4])].append((index, turn))
     keep = {}  # body hash -> index of the message whose copy stays full
     touched = set()  # messages with a copy to replace
     for fingerprint, places in occurrences.items():
@@ -2117,8 +2330,8 @@ def dedup_markdown_blocks(messages, ctx):
         if index in touched:
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
-                for start, end, open_line, close_line, body in ctx.state.memo(find_fenced_blocks, text):
-                    fingerprint = ctx.state.memo(sha256_text, body) if len(body) >= MIN_BLOCK_CHARS else None
+                for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
+                    fingerprint = ctx.memo(sha256_text, body) if len(body) >= MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
                         where = "below" if keep[fingerprint] > index else "above"
                         pieces.append(text[last:start])
@@ -2384,6 +2597,9 @@ class ConversationSummaries:
         if ctx.explain:
             ctx.notes.append("would summarise messages %d-%d (%s; no call in explain mode)" % (
                 plan.head, plan.end - 1, "in the background" if background else "now"))
+            return None
+        if self.state.rejected.get(ctx.conversation_key):
+            ctx.notes.append("no summary: DeepSeek refused this conversation's last request")
             return None
         status, done = self.flight.begin(ctx.conversation_key)
         if status == "wait" and not background:
@@ -2812,6 +3028,8 @@ def answer_ended(prepared, collector):
     if prepared.hooks_ran or not collector.complete:
         return
     prepared.hooks_ran = True
+    for remember in prepared.ctx.kept:
+        remember()
     answer = collector.message()
     for stage in PIPELINE:
         if stage.answer and stage.enabled():
@@ -2825,6 +3043,11 @@ def settle(prepared, collector=None, failure=None, client_gone=False):
     """The Outcome of a forwarded request: DeepSeek's failure status, 499 when the client left,
     502 when the answer broke off, else 200 (and the answer hooks have run)."""
     usage = collector.usage if collector else None
+    state, conversation = prepared.ctx.state, prepared.ctx.conversation_key
+    if failure is not None and 400 <= failure.status < 500 and failure.status not in (401, 402, 408, 429):
+        state.rejected.put(conversation, True)  # the request itself is wrong: paying to summarise it won't help
+    elif failure is None and state.rejected.get(conversation):
+        state.rejected.put(conversation, False)
     if failure is not None:
         called = failure.status not in (502, 504) or bool(collector)
         return Outcome(failure.status, usage, called, failure.message())
@@ -2912,6 +3135,8 @@ def require(condition, message, param=None):
 
 class Exchange:
     """What every front's exchange does unless it says otherwise."""
+
+    expanded_bytes = 0  # bytes the request grows by in memory beyond its body (a stored history it names)
 
     def stream_start(self):
         return b""
@@ -3223,6 +3448,12 @@ class ResponseStore:
             self.items.move_to_end(response_id)
             return found[1]
 
+    def size_of(self, response_id):
+        """Bytes (as JSON) of a stored response: what naming it adds to a request in memory."""
+        with self._lock:
+            found = self.items.get(response_id) if isinstance(response_id, str) else None
+            return found[0] if found else 0
+
 
 def responses_text(content, notes):
     if isinstance(content, str):
@@ -3372,6 +3603,7 @@ class ResponsesExchange(Exchange):
     def __init__(self, body, state):
         check_request(body, RESPONSES_REQUEST)
         self.state, self.body, self.notes = state, body, []
+        self.expanded_bytes = state.responses.size_of(body.get("previous_response_id"))
         self.tools = ResponsesTools(body.get("tools"), self.notes)
         instructions, self.history = responses_to_chat(body, state, self.tools, self.notes)
         require(instructions or self.history, "'input' must not be empty.")
@@ -3742,6 +3974,8 @@ class Stats:
                         "by_stage": {name: {"tokens_estimate": tokens, "usd_estimate": usd(tokens * PRICE_INPUT_CACHE_HIT / 1e6)}
                                      for name, tokens in sorted(stages.items())}},
             "proxy_calls": {"requests": t["summary_requests"], "prompt": t["summary_upstream_prompt_tokens"],
+                            "budget_per_hour": state.own_calls.per_hour, "last_hour": state.own_calls.used(),
+                            "refused_over_budget": state.own_calls.refused,
                             "cache_hit": t["summary_cache_hit_tokens"], "completion": t["summary_completion_tokens"],
                             "unmeasured": t["summary_unmeasured_calls"]},
             "reasoning": {"restored": t["reasoning_restored"], "filled_empty": t["reasoning_filled_empty"],
@@ -3829,7 +4063,10 @@ function chart(svg,points,series,unit){
   var ticks=Math.min(W<500?3:6,span);for(var k=0;k<ticks;k++){var m=start+Math.round(k*(span-1)/Math.max(1,ticks-1))*60,x=L+(m-start)/60*slot+slot/2;
     out+='<text x="'+x.toFixed(1)+'" y="'+(H-5)+'" font-size="11" text-anchor="middle" fill="#5f6675">'+hhmm(m)+'</text>'}
   svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.setAttribute("preserveAspectRatio","none");svg.innerHTML=out}
-function refresh(){fetch("stats").then(function(r){return r.json()}).then(function(s){
+var KEY=sessionStorage.getItem("proxyKey")||"",ASKED=false;
+function get(u){return fetch(u,{headers:KEY?{"Authorization":"Bearer "+KEY}:{}})}
+function dump(path){get("dumps/"+path).then(function(r){return r.text()}).then(function(t){window.open(URL.createObjectURL(new Blob([t],{type:"application/json"})))});return false}
+function refresh(){get("stats").then(function(r){if(r.status==401){if(!ASKED){ASKED=true;var k=prompt("This proxy was started with --proxy-key: enter it to see its figures");if(k){KEY=k;sessionStorage.setItem("proxyKey",k);return refresh()}}throw "the proxy key is needed (--proxy-key)"}return r.json()}).then(function(s){if(!s)return;
   document.getElementById("meta").textContent="version "+s.version+", up "+num(s.uptime_s/60,1)+" min, refreshed "+new Date().toLocaleTimeString();
   var sv=s.savings,c=s.cost_usd,t=s.tokens,r=s.requests;
   var cards=[["Spent",usd(c.total),"requests "+usd(c.chat)+" + proxy's calls "+usd(c.proxy_calls)],
@@ -3846,7 +4083,7 @@ function refresh(){fetch("stats").then(function(r){return r.json()}).then(functi
   document.getElementById("stages").innerHTML=names.length?"<tr><th>stage</th><th class=num>tokens removed</th><th class=num>saved</th></tr>"+names.map(function(k){return "<tr><td>"+esc(k)+"</td><td class=num>"+num(sv.by_stage[k].tokens_estimate)+"</td><td class=num>"+usd(sv.by_stage[k].usd_estimate)+"</td></tr>"}).join("")+"<tr><td>the proxy's own calls</td><td></td><td class=num>-"+usd(sv.proxy_calls_usd)+"</td></tr>":"<tr><td class=muted>nothing removed yet</td></tr>";
   document.getElementById("recent").innerHTML="<tr><th>time</th><th>model asked</th><th class=num>msgs</th><th class=num>tokens in &rarr; out (est.)</th><th class=num>prompt</th><th class=num>cache hit</th><th class=num>cost</th><th>status</th><th>removed by stage</th><th>notes</th></tr>"+
     s.recent.slice().reverse().map(function(q){var rm=Object.keys(q.removed_by_stage).map(function(k){return esc(k)+" "+num(q.removed_by_stage[k])}).join(", ");
-      var notes=esc((q.notes||[]).join("; ")+(q.error?" "+q.error:""))+(q.dump?' <a href="dumps/pre_msg/'+esc(q.dump)+'">sent</a> <a href="dumps/post_msg/'+esc(q.dump)+'">forwarded</a>':"");
+      var notes=esc((q.notes||[]).join("; ")+(q.error?" "+q.error:""))+(q.dump?' <a href="#" onclick="return dump(\\'pre_msg/'+esc(q.dump)+'\\')">sent</a> <a href="#" onclick="return dump(\\'post_msg/'+esc(q.dump)+'\\')">forwarded</a>':"");
       return "<tr><td>"+esc(q.time.slice(11))+"</td><td>"+esc(q.model)+"</td><td class=num>"+q.messages+"</td><td class=num>"+num(q.tokens_in_estimate)+" &rarr; "+num(q.tokens_out_estimate)+"</td><td class=num>"+num(q.prompt_tokens)+"</td><td class=num>"+(q.prompt_tokens?pct(q.cache_hit_tokens/q.prompt_tokens):"-")+"</td><td class=num>"+usd(q.cost_usd)+"</td><td>"+q.status+"</td><td>"+(rm||"-")+"</td><td class=notes>"+notes+"</td></tr>"}).join("");
 }).catch(function(e){document.getElementById("meta").textContent="cannot read /stats: "+e})}
 refresh();setInterval(refresh,5000);
@@ -4037,6 +4274,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Wait up to IDLE_TIMEOUT for a request to begin, then give its headers and body
         CLIENT_TIMEOUT in total."""
         self.connection.settimeout(IDLE_TIMEOUT)
+        self.server.waiting(self.connection, True)  # evictable until its request's headers are in
         try:
             if not self.rfile.peek(1):
                 self.close_connection = True
@@ -4054,6 +4292,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.server.release_body(self.reserved)
             self.reserved = 0
 
+    def parse_request(self):
+        self.server.waiting(self.connection, False)
+        return super().parse_request()
+
+    def finish(self):
+        self.server.waiting(self.connection, False)
+        super().finish()
+
     def body_read(self):
         """The request is in: the deadline no longer applies (answers may take minutes)."""
         Deadlines.disarm(self.deadline)
@@ -4069,6 +4315,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.checked():
             return
         path = self.route()
+        if not self.open_route(path):
+            try:
+                self.check_proxy_key()
+            except ClientError as error:
+                return self.send_error_json(error.status, error.message, error.code)
         if path in MODEL_PATHS:
             self.send_json(200, {"object": "list", "data": [model_entry(DEFAULT_MODEL)], "has_more": False,
                                  "first_id": DEFAULT_MODEL, "last_id": DEFAULT_MODEL})
@@ -4209,6 +4460,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         name, port = split_host(origin[len("http://"):])
         return is_loopback(name) and port == self.server.server_address[1]
 
+    @staticmethod
+    def open_route(path):
+        """Routes that answer without the proxy key: they hold no user data (liveness, the model
+        list, the dashboard page itself, which asks for the key before it reads /stats)."""
+        return path in ("/health", "/", "/dashboard") or path in MODEL_PATHS or \
+            path.startswith(tuple(prefix + "/" for prefix in MODEL_PATHS))
+
     def check_proxy_key(self):
         """With --proxy-key, the client must send it: as a bearer token, or as x-api-key (Anthropic)."""
         given = bearer_token(self.headers.get("Authorization")) or (self.headers.get("x-api-key") or "").strip()
@@ -4227,6 +4485,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
         exchange = front.exchange(body, self.state)
+        self.reserve(exchange.expanded_bytes)
         prepared = prepare(exchange.chat_body, self.state)
         prepared.ctx.notes.extend(exchange.notes)
         collector = failure = outcome = None
@@ -4400,14 +4659,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if length > MAX_REQUEST_BYTES:
             raise ClientError(413, "Request body of %d bytes exceeds the limit of %d bytes." % (
                 length, MAX_REQUEST_BYTES), "request_too_large", close=True)
-        if not self.server.reserve_body(length):
-            raise ClientError(503, "The proxy holds too many large requests at once; retry shortly.",
-                              "server_busy", close=True, headers={"Retry-After": "1"})
-        self.reserved += length
+        chunks, received = [], 0
         try:
-            raw = self.rfile.read(length)
+            while received < length:  # count the in-flight budget as bytes arrive, not as announced
+                chunk = self.rfile.read1(min(BODY_CHUNK_BYTES, length - received))
+                if not chunk:
+                    break
+                self.reserve(len(chunk))
+                chunks.append(chunk)
+                received += len(chunk)
         except (OSError, ValueError):
-            raw = b""
+            pass
+        raw = b"".join(chunks)
+        del chunks
         if len(raw) < length:
             if (self.deadline or {}).get("expired") or not raw:
                 raise ClientError(408, "The request was not sent within %.0fs." % CLIENT_TIMEOUT,
@@ -4424,6 +4688,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientError(400, "The request body is not valid UTF-8.")
         except (ValueError, RecursionError) as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
+
+    def reserve(self, size):
+        """Count `size` more bytes against --max-body-bytes-in-flight for this request; 503 when the
+        proxy already holds that much (a request's first BODY_CHUNK_BYTES always fit: small requests
+        and /health still get through while large ones wait)."""
+        if size and not self.server.reserve_body(size, small=self.reserved + size <= BODY_CHUNK_BYTES):
+            raise ClientError(503, "The proxy holds too many large requests at once; retry shortly.",
+                              "server_busy", close=True, headers={"Retry-After": "1"})
+        self.reserved += size
 
     def discard_body(self):
         try:
@@ -4539,6 +4812,7 @@ def hmac_equal(given, expected):
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
+BODY_CHUNK_BYTES = 1024 * 1024  # request bodies are read (and counted in flight) in pieces of this size
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
 
@@ -4561,15 +4835,24 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.in_flight = 0
         self.connections = 0
         self.body_bytes = 0
+        self.idle = collections.OrderedDict()  # connections with no request under way, oldest first
         self._count_lock = threading.Lock()
+
+    def waiting(self, sock, idle):
+        """Mark a connection idle (between requests, or still sending its request's headers) or busy."""
+        with self._count_lock:
+            if idle:
+                self.idle[sock] = True
+            else:
+                self.idle.pop(sock, None)
 
     def track(self, delta):
         with self._count_lock:
             self.in_flight += delta
 
-    def reserve_body(self, length):
+    def reserve_body(self, length, small=False):
         with self._count_lock:
-            if self.body_bytes and self.body_bytes + length > MAX_BODY_BYTES_IN_FLIGHT:
+            if not small and self.body_bytes and self.body_bytes + length > MAX_BODY_BYTES_IN_FLIGHT:
                 return False
             self.body_bytes += length
             return True
@@ -4580,8 +4863,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 self.body_bytes -= length
 
     def process_request(self, request, client_address):
+        """At MAX_CONNECTIONS, the connection that has been idle longest (a kept-open one, or one
+        that has not finished its headers) is closed to make room: silent sockets cannot fill the
+        proxy. Only when every connection is busy with a request is the new one answered 503."""
         with self._count_lock:
             busy = self.connections >= MAX_CONNECTIONS
+            if busy and self.idle:
+                evicted, _ = self.idle.popitem(last=False)
+                busy = False
+                try:
+                    evicted.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             if not busy:
                 self.connections += 1
         if busy:
@@ -4605,7 +4898,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        self.deadlines.stop()
+        if hasattr(self, "deadlines"):  # not there when binding the port failed
+            self.deadlines.stop()
 
     def handle_error(self, request, client_address):
         """A client that resets its connection is one line, not a traceback."""
@@ -4642,10 +4936,12 @@ class ProxyState:
         self.stats_path = path("stats.json", PERSIST_STATS)
         self.dumps = MessageDumps(self.data_dir, self.warn)
         self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
-        self.deltas = LRU(2048)  # near-duplicate diffs by SHA-256 of the pair of texts
-        self.ephemeral = LRU(EPHEMERAL_MEMORY)  # ephemeral blocks by the exact history before them
+        self.deltas = LRU(4096, DELTA_MEMORY_CHARS)  # near-duplicate diffs by SHA-256 of the pair of texts
+        self.ephemeral = LRU(EPHEMERAL_MEMORY, EPHEMERAL_MEMORY_CHARS)  # ephemeral blocks by the history before them
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
-        self.scans = Handover(64)  # near-duplicate scans to resume, by the exact history they cover
+        self.own_calls = HourlyBudget(PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
+        self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
+        self.scans = Handover(64, SCAN_MEMORY_CHARS)  # near-duplicate scans to resume, by the history they cover
 
     def message_json(self, message):
         """json.dumps of one upstream message (byte-identical), its text content's JSON string taken
@@ -4654,18 +4950,24 @@ class ProxyState:
             self.memo(json_string, value) if key == "content" and isinstance(value, str) else to_json(value))
             for key, value in message.items()) + "}"
 
-    def line_delta(self, old, new):
-        """line_delta(), remembered: a conversation's next request diffs the same pairs again."""
+    def line_delta(self, old, new, store=True):
+        """line_delta(), remembered (large ones too, within DELTA_MEMORY_CHARS): a conversation's
+        next request diffs the same pairs again."""
         key = hashlib.sha256("\n".join(old).encode("utf-8", "surrogatepass") + b"\x00" +
                              "\n".join(new).encode("utf-8", "surrogatepass")).digest()
         delta = self.deltas.get(key)
         if delta is None:
             delta = line_delta(old, new)
-            if len(delta) <= 20000:  # a large delta is rarely sent (it does not pay); keeps the cache small
-                self.deltas.put(key, delta)
+            if store:
+                self.deltas.put(key, delta, len(delta) + 100)
         return delta
 
     def summarise(self, messages, max_tokens, tools=None, thinking=False):
+        """The proxy's own paid call, within --proxy-calls-per-hour (ValueError beyond it: the caller
+        sends the request unsummarised, as for any failed summary)."""
+        if not self.own_calls.take():
+            raise ValueError("%d paid summary calls in the last hour already (--proxy-calls-per-hour)"
+                             % self.own_calls.per_hour)
         return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)
 
     def load(self):
@@ -4855,6 +5157,11 @@ def main(argv=None):
     if not is_loopback(HOST):
         log.warning("Listening on %s: reachable from other machines%s.", HOST,
                     "" if PROXY_KEY else " WITHOUT a proxy key")
+    problems = data_dir_problems(DATA_DIR or SCRIPT_DIR)
+    if problems:
+        log.error("Refusing to use the data folder: %s. Another local user could read or replace the "
+                  "proxy's files there.", "; ".join(problems))
+        return 2
     try:
         state = ProxyState().load()
     except ValueError as error:

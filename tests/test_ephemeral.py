@@ -71,7 +71,10 @@ class Stage(unittest.TestCase):
     def run_stage(self, messages, state=STATE):
         ctx = dp.RequestContext({}, state)
         ctx.normalised = ctx.base = messages
-        return dp.keep_ephemeral_blocks(messages, ctx)
+        sent = dp.keep_ephemeral_blocks(messages, ctx)
+        for remember in ctx.kept:  # as when DeepSeek accepted the request
+            remember()
+        return sent
 
     def test_the_block_stays_where_it_was_sent_and_deltas_rebuild_every_file(self):
         state = dp.ProxyState(persist=False, api_key="")

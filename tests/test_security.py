@@ -151,15 +151,20 @@ class BoundedResources(ProxyTestCase):
     proxy_args = ("--max-connections", "4", "--client-timeout", "0.5", "--idle-timeout", "5")
 
     def test_connections_over_the_cap_get_a_quick_503(self):
-        idle = [socket.create_connection(("127.0.0.1", self.proxy.port)) for _ in range(4)]
-        self.addCleanup(lambda: [sock.close() for sock in idle])
-        time.sleep(0.1)
+        busy = []  # connections in the middle of sending a request body: not idle, not evictable
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", self.proxy.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            busy.append(sock)
+        self.addCleanup(lambda: [sock.close() for sock in busy])
+        self.assertTrue(wait_for(lambda: self.proxy.server.connections == 4 and not self.proxy.server.idle))
         started = time.monotonic()
         answer = raw_request(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
         self.assertIn(b"Retry-After", answer)
         self.assertLess(time.monotonic() - started, 1.0)
-        for sock in idle:
+        for sock in busy:
             sock.close()
         self.assertTrue(wait_for(lambda: self.proxy.request("GET", "/health")[0] == 200, timeout=3))
 
@@ -181,14 +186,15 @@ class BoundedResources(ProxyTestCase):
         self.assertNotIn(b"200", answer)
 
     def test_request_bodies_held_at_once_are_bounded(self):
-        proxy = self.start_proxy(["--max-body-bytes-in-flight", "150000", "--client-timeout", "5"])
+        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(3 * 1024 * 1024), "--client-timeout", "5"])
+        size = 2 * 1024 * 1024
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100000\r\n\r\n")
+                b"Content-Length: %d\r\n\r\n" % size)
         first = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         self.addCleanup(first.close)
-        first.sendall(head + b"{")  # holds its 100 KB reservation while it trickles
-        time.sleep(0.2)
-        answer = raw_request(proxy.port, head + b"{" + b" " * 99999, timeout=3)
+        first.sendall(head + b"{" + b" " * (size - 2))  # holds what it sent, 2 MiB, one byte short
+        self.assertTrue(wait_for(lambda: proxy.server.body_bytes >= size - 1))
+        answer = raw_request(proxy.port, head + b"{" + b" " * (size - 1), timeout=3)
         self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
         self.assertIn(b"Retry-After: 1", answer)
 

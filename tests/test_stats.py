@@ -84,7 +84,7 @@ class Stats(ProxyTestCase):
             self.assertTrue(headers["Content-Type"].startswith("text/html"))
             page = raw.decode()
             self.assertIn("<svg", page)
-            self.assertIn('fetch("stats")', page)
+            self.assertIn('get("stats")', page)
             self.assertIsNone(re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', page), "no external assets")
 
 
