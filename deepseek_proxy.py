@@ -39,6 +39,7 @@ import bisect
 import collections
 import difflib
 import email.utils
+import errno
 import functools
 import gc
 import hashlib
@@ -228,61 +229,68 @@ def config_help():
     return {name: text for _title, helps in config_sections() for name, text in helps.items()}
 
 
-def config_problems():
-    """What is wrong with the configuration, one line each (checked at start: exit 2)."""
-    problems = []
-    module = globals()
-    for name in config_help():
-        value = module[name]
-        flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            problems.append("%s must not be negative (got %s)" % (flag, value))
-    if not 0 <= PORT <= 65535:
-        problems.append("--port must be between 0 and 65535 (got %d)" % PORT)
-    parts = urllib.parse.urlsplit(DEEPSEEK_BASE)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        problems.append("--upstream must be an http:// or https:// URL with a host (got %r)" % DEEPSEEK_BASE)
-    if not 1 <= MAX_OUTPUT_TOKENS <= 393216:
-        problems.append("--max-output-tokens must be between 1 and 393216 (got %d)" % MAX_OUTPUT_TOKENS)
-    for name in ("SUMMARY_RATIO", "TAIL_RATIO", "SYSTEM_MAX_RATIO", "NEAR_DUP_MAX_RATIO"):
-        if not 0 < module[name] <= 1:
-            problems.append("--%s must be above 0 and at most 1 (got %s)" % (name.lower().replace("_", "-"), module[name]))
-    if not 0 <= SUMMARY_WATERMARK < 1:
-        problems.append("--summary-watermark must be at least 0 and below 1 (got %s)" % SUMMARY_WATERMARK)
-    for name in ("MAX_CACHE_SIZE", "SUMMARY_CACHE_SIZE", "MAX_CONNECTIONS", "MAX_CONTEXT", "RESPONSES_STORE_SIZE",
-                 "EPHEMERAL_MEMORY", "MAX_DUMP_FILES", "MAX_SYSTEM_PROMPTS"):
-        if module[name] < 1:
-            problems.append("--%s must be at least 1 (got %s)" % (name.lower().replace("_", "-"), module[name]))
-    for name in ("UPSTREAM_TIMEOUT", "CLIENT_TIMEOUT", "IDLE_TIMEOUT"):
-        if module[name] <= 0:
-            problems.append("--%s must be above 0 (got %s)" % (name.lower().replace("_", "-"), module[name]))
-    return problems
+class Config:
+    """One proxy's configuration: every flag constant above by its name, as an attribute. Built once
+    (the defaults above, then the environment, then the flags: parse_args), checked (problems()),
+    and handed to ProxyState; nothing reads a flag constant afterwards, so one process can hold
+    proxies with different configurations (the tests do)."""
+
+    def __init__(self, **values):
+        module = globals()
+        for name in config_help():
+            value = module[name]
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        self.BOILERPLATE_PATTERNS = dict(BOILERPLATE_PATTERNS)
+        for name, value in values.items():
+            if not hasattr(self, name):
+                raise KeyError("no configuration constant %s" % name)
+            setattr(self, name, value)
+
+    def replace(self, **values):
+        """A copy with some values changed."""
+        return Config(**dict(vars(self), **values))
+
+    def problems(self):
+        """What is wrong with the configuration, one line each (checked at start: exit 2)."""
+        problems = []
+        for name in config_help():
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                problems.append("%s must not be negative (got %s)" % (flag_name(name), value))
+        if not 0 <= self.PORT <= 65535:
+            problems.append("--port must be between 0 and 65535 (got %d)" % self.PORT)
+        parts = urllib.parse.urlsplit(self.DEEPSEEK_BASE)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append("--upstream must be an http:// or https:// URL with a host (got %r)" % self.DEEPSEEK_BASE)
+        if not 1 <= self.MAX_OUTPUT_TOKENS <= 393216:
+            problems.append("--max-output-tokens must be between 1 and 393216 (got %d)" % self.MAX_OUTPUT_TOKENS)
+        for name in ("SUMMARY_RATIO", "TAIL_RATIO", "SYSTEM_MAX_RATIO", "NEAR_DUP_MAX_RATIO"):
+            if not 0 < getattr(self, name) <= 1:
+                problems.append("%s must be above 0 and at most 1 (got %s)" % (flag_name(name), getattr(self, name)))
+        if not 0 <= self.SUMMARY_WATERMARK < 1:
+            problems.append("--summary-watermark must be at least 0 and below 1 (got %s)" % self.SUMMARY_WATERMARK)
+        for name in ("MAX_CACHE_SIZE", "SUMMARY_CACHE_SIZE", "MAX_CONNECTIONS", "MAX_CONTEXT", "RESPONSES_STORE_SIZE",
+                     "EPHEMERAL_MEMORY", "MAX_DUMP_FILES", "MAX_SYSTEM_PROMPTS", "MAX_JSON_DEPTH"):
+            if getattr(self, name) < 1:
+                problems.append("%s must be at least 1 (got %s)" % (flag_name(name), getattr(self, name)))
+        for name in ("UPSTREAM_TIMEOUT", "CLIENT_TIMEOUT", "IDLE_TIMEOUT"):
+            if getattr(self, name) <= 0:
+                problems.append("%s must be above 0 (got %s)" % (flag_name(name), getattr(self, name)))
+        return problems
 
 
-def configuration():
-    """The current value of every flag constant, by name (to save and restore, in tests)."""
-    module = globals()
-    values = {name: module[name] for name in config_help()}
-    values["BOILERPLATE_PATTERNS"] = dict(BOILERPLATE_PATTERNS)
-    return values
+def flag_name(name):
+    """The command-line flag of a configuration constant."""
+    return "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
 
 
-def configure(values):
-    """Set flag constants by name (the inverse of configuration())."""
-    module = globals()
-    for name, value in values.items():
-        if name == "BOILERPLATE_PATTERNS":
-            BOILERPLATE_PATTERNS.clear()
-            BOILERPLATE_PATTERNS.update(value)
-        elif name in module and name.isupper():
-            module[name] = value
-        else:
-            raise KeyError("no configuration constant %s" % name)
+DEFAULT_CONFIG = Config()  # the defaults above, for pure helpers called without a proxy (benchmarks)
 
 
-def parse_args(argv=None):
-    """Build one flag per configuration constant and write the parsed values back into the module."""
-    helps = config_help()
+def parse_args(argv=None, environ=None):
+    """(Config, argparse namespace): one flag per configuration constant, defaults from the constants
+    and the environment (DEEPSEEK_BASE_URL, PROXY_API_KEY)."""
+    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         usage="%(prog)s [--port PORT] [--host HOST] [options]",
         description="An OpenAI-compatible (and Anthropic Messages / OpenAI Responses) proxy for DeepSeek that "
@@ -300,34 +308,34 @@ def parse_args(argv=None):
     parser.add_argument("--check", action="store_true",
                         help="make a few small real calls to check what the proxy relies on (key, model, thinking "
                              "with tools, prefix cache, usage), print one line each, and exit")
-    module = globals()
-    env_defaults = {"DEEPSEEK_BASE": os.environ.get("DEEPSEEK_BASE_URL"),
-                    "PROXY_KEY": os.environ.get("PROXY_API_KEY")}
+    defaults = Config()
+    env_defaults = {"DEEPSEEK_BASE": environ.get("DEEPSEEK_BASE_URL"), "PROXY_KEY": environ.get("PROXY_API_KEY")}
     for title, names in config_sections():
         group = parser.add_argument_group(title)
         for name, help_text in names.items():
-            default = env_defaults.get(name) or module[name]
-            flag = "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
+            default = env_defaults.get(name) or getattr(defaults, name)
             kwargs = {"dest": name, "default": default, "help": help_text}
             if isinstance(default, bool):
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif isinstance(default, list):
                 kwargs.update(action="append", default=None, metavar="VALUE")
             else:
-                kwargs["type"] = type(module[name])
+                kwargs["type"] = type(getattr(defaults, name))
                 if name in CHOICES:
                     kwargs["choices"] = CHOICES[name]
-            group.add_argument(flag, **kwargs)
+            group.add_argument(flag_name(name), **kwargs)
         if title.startswith("Deduplication"):
             group.add_argument("--boilerplate-tag", action="append", default=[], metavar="NAME",
                                help="another XML tag whose blocks count as boilerplate (repeatable)")
     args = parser.parse_args(argv)
-    for name in helps:
+    values = {}
+    for name in config_help():
         value = getattr(args, name)
-        module[name] = (value or []) if isinstance(module[name], list) else value
+        values[name] = (value or []) if isinstance(getattr(defaults, name), list) else value
+    patterns = dict(defaults.BOILERPLATE_PATTERNS)
     for name in args.boilerplate_tag:
-        BOILERPLATE_PATTERNS[name] = ("<%s>" % name, "</%s>" % name)
-    return args
+        patterns[name] = ("<%s>" % name, "</%s>" % name)
+    return Config(BOILERPLATE_PATTERNS=patterns, **values), args
 
 
 # =====================================================================================================
@@ -417,11 +425,11 @@ _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
 _BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
-def json_depth(raw):
+def json_depth(raw, limit=MAX_JSON_DEPTH):
     """How deeply arrays and objects nest in raw JSON bytes, by one linear pass in C (strings are
     cut out first): the same limit on every Python, whose own parsers differ (3.12 accepts far more
     than 3.9), and no recursion in the proxy's walks over what it accepted."""
-    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+    if raw.count(b"[") + raw.count(b"{") <= limit:
         return 0
     steps = _JSON_STRING.sub(b"", raw).translate(_BRACKET_STEPS, _NOT_BRACKETS)
     return max(itertools.accumulate(array.array("b", steps)), default=0)
@@ -963,16 +971,17 @@ class UpstreamError(Exception):
         return error.get("message") if isinstance(error, dict) else str(self.body)
 
 
-def usage_cost(usage):
-    """USD billed for one DeepSeek usage object."""
+def usage_cost(usage, config=None):
+    """USD billed for one DeepSeek usage object, at the configuration's prices."""
+    config = config or DEFAULT_CONFIG
     if not usage:
         return 0.0
     hit = usage.get("prompt_cache_hit_tokens") or 0
     miss = usage.get("prompt_cache_miss_tokens")
     if miss is None:
         miss = max(0, (usage.get("prompt_tokens") or 0) - hit)
-    return (hit * PRICE_INPUT_CACHE_HIT + miss * PRICE_INPUT_CACHE_MISS
-            + (usage.get("completion_tokens") or 0) * PRICE_OUTPUT) / 1e6
+    return (hit * config.PRICE_INPUT_CACHE_HIT + miss * config.PRICE_INPUT_CACHE_MISS
+            + (usage.get("completion_tokens") or 0) * config.PRICE_OUTPUT) / 1e6
 
 
 def load_api_key(data_dir):
@@ -998,11 +1007,11 @@ FORWARDED_FIELDS = ("tools", "tool_choice", "response_format", "stop")  # client
 RETRYABLE_STATUSES = (429, 500, 502, 503, 504)
 
 
-def thinking_enabled(body):
+def thinking_enabled(body, config):
     """THINKING_MODE decides; auto is on except where DeepSeek's thinking mode rejects the request
     (tool_choice 'required' or a named tool), which then goes with thinking disabled, not failed."""
-    if THINKING_MODE != "auto":
-        return THINKING_MODE == "enabled"
+    if config.THINKING_MODE != "auto":
+        return config.THINKING_MODE == "enabled"
     choice = body.get("tool_choice")
     return not (choice == "required" or isinstance(choice, dict))
 
@@ -1020,15 +1029,15 @@ def json_schema_as_json_object(body, messages, notes):
     return {"type": "json_object"}, messages + [{"role": "system", "content": instruction}]
 
 
-def build_upstream_body(body, messages, thinking, notes=None):
+def build_upstream_body(body, messages, thinking, config, notes=None):
     """The request DeepSeek receives: our model, max_tokens and thinking, the messages as the
     pipeline left them, and only the functional fields. Sampling knobs, n, logprobs, seed, store,
     metadata, user, parallel_tool_calls and the client's own model settings are dropped."""
     response_format, messages = json_schema_as_json_object(body, messages, notes if notes is not None else [])
-    upstream = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": MAX_OUTPUT_TOKENS,
+    upstream = {"model": config.DEFAULT_MODEL, "messages": messages, "max_tokens": config.MAX_OUTPUT_TOKENS,
                 "thinking": {"type": "enabled" if thinking else "disabled"}}
-    if REASONING_EFFORT and thinking:
-        upstream["reasoning_effort"] = REASONING_EFFORT
+    if config.REASONING_EFFORT and thinking:
+        upstream["reasoning_effort"] = config.REASONING_EFFORT
     for field in FORWARDED_FIELDS:
         if body.get(field) is not None:
             upstream[field] = body[field]
@@ -1246,8 +1255,8 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
     429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
     doubled each time, or what Retry-After asks (capped at UPSTREAM_RETRY_AFTER_MAX); other statuses
     are raised at once as UpstreamError."""
-    retries = UPSTREAM_MAX_RETRIES if retries is None else retries
-    base_sleep = UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
+    retries = state.config.UPSTREAM_MAX_RETRIES if retries is None else retries
+    base_sleep = state.config.UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
     data = encode_json(payload, state.message_json, tools_json)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + state.api_key,
                "Accept": "text/event-stream" if payload.get("stream") else "application/json",
@@ -1256,7 +1265,7 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
         retry_note = " after %d attempts" % (attempt + 1) if attempt else ""
         try:
             connection, response = state.upstream.post("/chat/completions", data, headers,
-                                                       timeout or UPSTREAM_TIMEOUT)
+                                                       timeout or state.config.UPSTREAM_TIMEOUT)
             if response.status == 200:
                 return UpstreamResponse(state.upstream, connection, response)
             try:
@@ -1271,11 +1280,11 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
                 retry_note, error), "upstream_timeout"))
         except (OSError, http.client.HTTPException) as error:
             failure = UpstreamError(502, error_body("Cannot reach DeepSeek at %s%s: %s" % (
-                DEEPSEEK_BASE, retry_note, error or type(error).__name__), "upstream_unreachable"))
+                state.config.DEEPSEEK_BASE, retry_note, error or type(error).__name__), "upstream_unreachable"))
         if attempt < retries:
             delay = base_sleep * (2 ** attempt)
             if failure.retry_after is not None:
-                delay = max(delay, min(failure.retry_after, UPSTREAM_RETRY_AFTER_MAX))
+                delay = max(delay, min(failure.retry_after, state.config.UPSTREAM_RETRY_AFTER_MAX))
             log.info("upstream attempt %d failed (%s), retrying in %.1fs", attempt + 1, failure.status, delay)
             time.sleep(delay)
     raise failure
@@ -1284,7 +1293,7 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
 def call_deepseek_json(state, payload, retries, base_sleep, timeout=None):
     """One non-streaming call for the proxy's own use (summaries): returns the parsed answer."""
     with open_upstream(state, payload, retries=retries, base_sleep=base_sleep, timeout=timeout) as response:
-        return json.loads(response.read(MAX_UPSTREAM_EVENT_BYTES).decode("utf-8"))
+        return json.loads(response.read(state.config.MAX_UPSTREAM_EVENT_BYTES).decode("utf-8"))
 
 
 def request_summary(state, messages, max_tokens, tools=None, thinking=False):
@@ -1292,11 +1301,11 @@ def request_summary(state, messages, max_tokens, tools=None, thinking=False):
     attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
     sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
     Returns the text; raises UpstreamError or ValueError. Its usage goes to /stats apart."""
-    payload = {"model": SUMMARY_MODEL or DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
+    payload = {"model": state.config.SUMMARY_MODEL or state.config.DEFAULT_MODEL, "messages": messages, "max_tokens": max_tokens,
                "thinking": {"type": "enabled" if thinking else "disabled"}, "stream": False}
     if tools:
         payload["tools"], payload["tool_choice"] = tools, "none"
-    answer = call_deepseek_json(state, payload, SUMMARISE_MAX_RETRIES - 1, SUMMARISE_RETRY_BASE_SLEEP)
+    answer = call_deepseek_json(state, payload, state.config.SUMMARISE_MAX_RETRIES - 1, state.config.SUMMARISE_RETRY_BASE_SLEEP)
     state.stats.record_summary(answer.get("usage"))
     choice = (answer.get("choices") or [{}])[0]
     text = ((choice.get("message") or {}).get("content") or "").strip()
@@ -1390,7 +1399,7 @@ class AnswerCollector:
 class Stage:
     def __init__(self, name, request, enabled=None, answer=None, required=False):
         self.name, self.request, self.answer, self.required = name, request, answer, required
-        self.enabled = enabled or (lambda: True)
+        self.enabled = enabled or (lambda config: True)
 
 
 class RequestContext:
@@ -1405,7 +1414,8 @@ class RequestContext:
         self.request_id = uuid.uuid4().hex[:12]
         self.tools = body.get("tools") or None
         self.tools_json = json.dumps(self.tools, ensure_ascii=False) if self.tools else None  # encoded once
-        self.thinking = thinking_enabled(body)
+        self.config = state.config
+        self.thinking = thinking_enabled(body, state.config)
         self.saved = collections.Counter()  # stage name -> estimated tokens removed
         self.reasoning_restored = 0
         self.reasoning_filled = 0
@@ -1800,14 +1810,14 @@ def keep_ephemeral_blocks(messages, ctx):
         if record is None or record.pair != pair:
             remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
         return messages
-    if SUMMARISE and ctx.prompt_tokens(messages) >= min(SUMMARY_WATERMARK or SUMMARY_RATIO, SUMMARY_RATIO) * MAX_CONTEXT:
+    if ctx.config.SUMMARISE and ctx.prompt_tokens(messages) >= min(ctx.config.SUMMARY_WATERMARK or ctx.config.SUMMARY_RATIO, ctx.config.SUMMARY_RATIO) * ctx.config.MAX_CONTEXT:
         return messages  # near the budget: summarisation takes over, on the client's own layout
     first_line = content_text(pair[0].get("content")).split("\n", 1)[0]
     if messages[position] == record.pair[0] or first_line != content_text(record.pair[0].get("content")).split("\n", 1)[0]:
         return messages  # the client keeps the block in its history, or this is another kind of message
     current = chat_files(content_text(pair[0].get("content")))
     delta = files_delta(record, current, first_line)
-    if len(delta) > EPHEMERAL_REANCHOR * record.size:
+    if len(delta) > ctx.config.EPHEMERAL_REANCHOR * record.size:
         remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
         ctx.notes.append("ephemeral block re-anchored")
         return messages
@@ -1823,32 +1833,34 @@ def keep_ephemeral_blocks(messages, ctx):
 
 PLACEHOLDER = "[repeated context omitted]"
 DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
-def boilerplate_openers():
-    """One regex finding the open tag of any block of BOILERPLATE_PATTERNS (attributes allowed),
-    and the close tag of each open tag's name; rebuilt only when the table changes. It starts with a
-    literal '<' (re skips to candidates quickly), and attributes are [^<>]*, so an open tag that
-    never closes is scanned at most up to the next '<'."""
-    return compile_openers(tuple(BOILERPLATE_PATTERNS.values()))
 
 
-@functools.lru_cache(maxsize=4)
-def compile_openers(patterns):
-    """(regex, {tag name: close tag}) for a tuple of (open tag, close tag): a memo of compiled regexes."""
+def boilerplate_finder(config):
+    """find_boilerplate_blocks for the configuration's BOILERPLATE_PATTERNS: one function per table
+    (so the per-text memo keeps results per table)."""
+    return compile_finder(tuple(sorted(config.BOILERPLATE_PATTERNS.values())))
+
+
+@functools.lru_cache(maxsize=8)
+def compile_finder(patterns):
+    """find(text) for a tuple of (open tag, close tag). One regex finds the open tag of any block
+    (attributes allowed); it starts with a literal '<' (re skips to candidates quickly), and
+    attributes are [^<>]*, so an open tag that never closes is scanned at most up to the next '<'."""
     names, closes = [], {}
     for open_tag, close_tag in patterns:
         name = open_tag[1:].rstrip(">")
         names.append(re.escape(name))
         closes[name] = close_tag
-    return re.compile(r"<(%s)(?:\s[^<>]*)?>" % "|".join(sorted(names, key=len, reverse=True))), closes
+    openers = re.compile(r"<(%s)(?:\s[^<>]*)?>" % "|".join(sorted(names, key=len, reverse=True)))
+    return functools.partial(find_boilerplate_blocks, openers=openers, closes=closes)
 
 
-def find_boilerplate_blocks(text):
+def find_boilerplate_blocks(text, openers, closes):
     """(start, end) of each boilerplate block: an open tag through the nearest matching close tag.
     Linear in the text: each close tag is searched for once per position it could be found at
     (an unclosed tag costs one scan, not one scan per opening)."""
     if "<" not in text:
         return []
-    openers, closes = boilerplate_openers()
     next_close = {}  # close tag -> where it next occurs at or after the last search (-1: nowhere)
     blocks, position = [], 0
     while True:
@@ -1891,7 +1903,7 @@ def dedup_boilerplate(messages, ctx):
             ctx.anchor(here[0], seen[fingerprint])
             return True
         seen[fingerprint] = here[0]
-        if len(seen) > MAX_FINGERPRINT_HISTORY:
+        if len(seen) > ctx.config.MAX_FINGERPRINT_HISTORY:
             seen.popitem(last=False)
         return False
 
@@ -1913,7 +1925,7 @@ def dedup_boilerplate(messages, ctx):
 
     def reduce_paragraphs(text):
         parts = re.split(r"(\n[^\S\n]*\n\s*)", text)
-        kept = [part for part in parts if len(part) < MIN_SEGMENT_CHARS or not already_seen(part)]
+        kept = [part for part in parts if len(part) < ctx.config.MIN_SEGMENT_CHARS or not already_seen(part)]
         if len(kept) == len(parts):
             return text
         reduced = "".join(kept)
@@ -1921,9 +1933,9 @@ def dedup_boilerplate(messages, ctx):
         return reduced
 
     def reduce_text(text, role):
-        paragraphs = MIN_SEGMENT_CHARS and role == "user"
+        paragraphs = ctx.config.MIN_SEGMENT_CHARS and role == "user"
         pieces, last = [], 0
-        for start, end in ctx.memo(find_boilerplate_blocks, text):
+        for start, end in ctx.memo(boilerplate_finder(ctx.config), text):
             plain = text[last:start]
             pieces.append(reduce_paragraphs(plain) if paragraphs else plain)
             block = text[start:end]
@@ -1969,7 +1981,7 @@ def dedup_tool_outputs(messages, ctx):
             continue
 
         def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
-            if len(text) < MIN_TOOL_OUTPUT_CHARS:
+            if len(text) < ctx.config.MIN_TOOL_OUTPUT_CHARS:
                 return text
             fingerprint = ctx.memo(sha256_text, text)
             earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
@@ -2232,14 +2244,14 @@ class NearDuplicateScan:
 
     def block(self, text, label, position, role, ctx):
         """The delta for one block, or the block itself; registers it as a block either way."""
-        if not MIN_NEAR_DUP_CHARS <= len(text) <= NEAR_DUP_MAX_CHARS:
+        if not ctx.config.MIN_NEAR_DUP_CHARS <= len(text) <= ctx.config.NEAR_DUP_MAX_CHARS:
             return text
         lines, numbering = ctx.memo(numbered_lines, text)
         found = self.index.best_match(lines) if role != "assistant" else None
         sent, depth = text, 0
         if found and found[2] >= 3 and found[1] * 2 >= found[2]:
             old, where, old_position, old_depth, old_numbered = self.index.blocks[found[0]]
-            if old_depth < NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
+            if old_depth < ctx.config.NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
                 if not where.startswith("the output"):
                     distance = position - old_position
                     where = "%s %d message%s above" % (where, distance, "s" if distance != 1 else "")
@@ -2247,7 +2259,7 @@ class NearDuplicateScan:
                 if numbering:
                     note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
                 delta = note + "\n" + ctx.state.line_delta(old, lines, store=not ctx.explain)
-                if len(delta) <= NEAR_DUP_MAX_RATIO * len(text):
+                if len(delta) <= ctx.config.NEAR_DUP_MAX_RATIO * len(text):
                     sent, depth = delta, old_depth + 1
                     self.anchors.append((position, old_position))
                     ctx.anchor(position, old_position)
@@ -2298,7 +2310,7 @@ def dedup_markdown_blocks(messages, ctx):
     auto: like latest inside the newest stretch of messages since an assistant turn (none of it is
     cached yet, so moving the full copy later costs nothing) and like first across turns.
     """
-    if MARKDOWN_DEDUP == "off":
+    if ctx.config.MARKDOWN_DEDUP == "off":
         return messages
     occurrences = collections.defaultdict(list)  # body hash -> [(message index, turn)]
     turn = 0
@@ -2307,16 +2319,16 @@ def dedup_markdown_blocks(messages, ctx):
             turn += 1
         if message["role"] in ("user", "assistant", "tool"):
             for block in ctx.memo(find_fenced_blocks, content_text(message.get("content"))):
-                if len(block[4]) >= MIN_BLOCK_CHARS:
+                if len(block[4]) >= ctx.config.MIN_BLOCK_CHARS:
                     occurrences[ctx.memo(sha256_text, block[4])].append((index, turn))
     keep = {}  # body hash -> index of the message whose copy stays full
     touched = set()  # messages with a copy to replace
     for fingerprint, places in occurrences.items():
         if len(places) < 2:
             continue
-        if MARKDOWN_DEDUP == "latest":
+        if ctx.config.MARKDOWN_DEDUP == "latest":
             keep[fingerprint] = places[-1][0]
-        elif MARKDOWN_DEDUP == "auto":
+        elif ctx.config.MARKDOWN_DEDUP == "auto":
             first_turn = places[0][1]
             keep[fingerprint] = [index for index, turn_of in places if turn_of == first_turn][-1]
         else:
@@ -2331,7 +2343,7 @@ def dedup_markdown_blocks(messages, ctx):
             def replace_blocks(text, index=index):
                 pieces, last = [], 0
                 for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
-                    fingerprint = ctx.memo(sha256_text, body) if len(body) >= MIN_BLOCK_CHARS else None
+                    fingerprint = ctx.memo(sha256_text, body) if len(body) >= ctx.config.MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
                         where = "below" if keep[fingerprint] > index else "above"
                         pieces.append(text[last:start])
@@ -2389,14 +2401,14 @@ class SystemPromptStore:
             return found
         count = (self.seen.get(digest) or 0) + 1
         self.seen.put(digest, count)
-        if count < SYSTEM_MIN_SEEN or not self._within_hourly_cap(digest):
+        if count < self.state.config.SYSTEM_MIN_SEEN or not self._within_hourly_cap(digest):
             return None
         status, done = self.flight.begin(digest)
         if status == "run":
             threading.Thread(target=self._summarise, args=(digest, text, done), daemon=True,
                              name="summarise-system-" + digest[:8]).start()
-        if done is not None and SYSTEM_WAIT > 0:
-            done.wait(SYSTEM_WAIT)
+        if done is not None and self.state.config.SYSTEM_WAIT > 0:
+            done.wait(self.state.config.SYSTEM_WAIT)
             return self._stored(digest)
         return None
 
@@ -2405,14 +2417,14 @@ class SystemPromptStore:
         with self._lock:
             while self.recent_calls and now - self.recent_calls[0] > 3600:
                 self.recent_calls.popleft()
-            if self.flight.running(digest) or len(self.recent_calls) < SYSTEM_SUMMARIES_PER_HOUR:
+            if self.flight.running(digest) or len(self.recent_calls) < self.state.config.SYSTEM_SUMMARIES_PER_HOUR:
                 if not self.flight.running(digest):
                     self.recent_calls.append(now)
                 return True
         if self.capped.get(digest) is None:
             self.capped.put(digest, True)
             log.warning("system prompt %s sent unsummarised: %d summaries made in the last hour "
-                        "(--system-summaries-per-hour)", digest[:12], SYSTEM_SUMMARIES_PER_HOUR)
+                        "(--system-summaries-per-hour)", digest[:12], self.state.config.SYSTEM_SUMMARIES_PER_HOUR)
         return False
 
     def _path(self, folder, digest):
@@ -2437,12 +2449,12 @@ class SystemPromptStore:
     def _summarise(self, digest, text, done):
         error = None
         try:
-            if SAVE_PREPOST_SYSTEM:
+            if self.state.config.SAVE_PREPOST_SYSTEM:
                 self._save("pre_sys", digest, text)
             summary = self.state.summarise([
                 {"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
-                SYSTEM_SUMMARY_MAX_TOKENS)
-            if len(summary) > SYSTEM_MAX_RATIO * len(text):
+                self.state.config.SYSTEM_SUMMARY_MAX_TOKENS)
+            if len(summary) > self.state.config.SYSTEM_MAX_RATIO * len(text):
                 log.info("system prompt %s: summary of %d chars for %d is not short enough; keeping the "
                          "original", digest[:12], len(summary), len(text))
                 summary = text
@@ -2465,7 +2477,7 @@ class SystemPromptStore:
     def _save(self, folder, digest, text):
         try:
             atomic_write(self._path(folder, digest), text)
-            prune_files(os.path.join(self.state.data_dir, folder), SYSTEM_FILE_NAME, MAX_SYSTEM_PROMPTS, self.state.warn)
+            prune_files(os.path.join(self.state.data_dir, folder), SYSTEM_FILE_NAME, self.state.config.MAX_SYSTEM_PROMPTS, self.state.warn)
         except OSError as error:
             self.state.warn("writing " + os.path.join(self.state.data_dir, folder), error)
 
@@ -2486,7 +2498,7 @@ def compress_system_prompt(messages, ctx):
     for message in messages:
         if message["role"] == "system":
             text = content_text(message.get("content"))
-            if len(text) >= SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
+            if len(text) >= ctx.config.SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
                 summary = ctx.state.system_prompts.lookup(text, ctx.explain)
                 if summary is not None and summary != text:
                     ctx.removed("compress_system_prompt", text, summary)
@@ -2603,7 +2615,7 @@ class ConversationSummaries:
             return None
         status, done = self.flight.begin(ctx.conversation_key)
         if status == "wait" and not background:
-            done.wait(UPSTREAM_TIMEOUT)
+            done.wait(self.state.config.UPSTREAM_TIMEOUT)
         if status != "run":
             return None
         if background:
@@ -2618,7 +2630,7 @@ class ConversationSummaries:
             # Shaped for DeepSeek's prefix cache: the conversation exactly as sent before (same
             # tools, thinking and reasoning), then one instruction; tool_choice none so it answers.
             messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
-            summary = self.state.summarise(messages, SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
+            summary = self.state.summarise(messages, self.state.config.SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
                                            tools=ctx.tools, thinking=ctx.thinking)
             self.state.summaries.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
             log.info("[%s] summarised %d messages into %d chars", ctx.request_id, plan.end - plan.head, len(summary))
@@ -2636,7 +2648,7 @@ class ConversationSummaries:
         under_way = self.flight.running(conversation_key)
         if under_way is None:
             return False
-        under_way.wait(UPSTREAM_TIMEOUT)
+        under_way.wait(self.state.config.UPSTREAM_TIMEOUT)
         return True
 
     def wait_idle(self, timeout=30.0):
@@ -2665,10 +2677,10 @@ def prefix_fingerprints(messages):
     return [fingerprint.hex() for fingerprint in fingerprints]
 
 
-def tail_start(messages, sizes, floor, tail_ratio):
+def tail_start(messages, sizes, floor, tail_ratio, max_context=MAX_CONTEXT):
     """First index of the recent messages kept verbatim: at most tail_ratio x MAX_CONTEXT tokens,
     never starting on a tool result (its tool call must stay with it), never before `floor`."""
-    budget, used, start = tail_ratio * MAX_CONTEXT, 0, len(messages)
+    budget, used, start = tail_ratio * max_context, 0, len(messages)
     while start > floor and used + sizes[start - 1] <= budget:
         start -= 1
         used += sizes[start]
@@ -2691,8 +2703,8 @@ def summarise_over_budget(messages, ctx):
     conversation goes whole, or without its oldest turns if DeepSeek's own window would refuse it.
     This stage never fails a request.
     """
-    budget = SUMMARY_RATIO * MAX_CONTEXT
-    watermark = SUMMARY_WATERMARK * MAX_CONTEXT if 0 < SUMMARY_WATERMARK < SUMMARY_RATIO else budget
+    budget = ctx.config.SUMMARY_RATIO * ctx.config.MAX_CONTEXT
+    watermark = ctx.config.SUMMARY_WATERMARK * ctx.config.MAX_CONTEXT if 0 < ctx.config.SUMMARY_WATERMARK < ctx.config.SUMMARY_RATIO else budget
     total = ctx.prompt_tokens(messages)
     if total < watermark:
         return messages
@@ -2704,8 +2716,9 @@ def summarise_over_budget(messages, ctx):
     if current_tokens < watermark or (current_tokens < budget and newest > done_until):
         return current  # under the watermark, or the next summary is ready for when it is needed
     early = current_tokens < budget  # prepared ahead: by the crossing the tail will have grown
-    tail_ratio = max(TAIL_RATIO / 2, TAIL_RATIO - (SUMMARY_RATIO - SUMMARY_WATERMARK)) if early else TAIL_RATIO
-    end = tail_start(messages, [ctx.message_tokens(message) for message in messages], done_until, tail_ratio)
+    tail_ratio = max(ctx.config.TAIL_RATIO / 2, ctx.config.TAIL_RATIO - (ctx.config.SUMMARY_RATIO - ctx.config.SUMMARY_WATERMARK)) if early else ctx.config.TAIL_RATIO
+    end = tail_start(messages, [ctx.message_tokens(message) for message in messages], done_until, tail_ratio,
+                     ctx.config.MAX_CONTEXT)
     if end <= done_until:
         return current  # nothing older than the tail is left to summarise
     users = [index for index in range(head, end) if messages[index]["role"] == "user"]
@@ -2753,7 +2766,7 @@ def fit_upstream_window(messages, ctx):
     """After a failed summary: send everything if DeepSeek's window takes it, else drop the oldest
     whole turns after the head (a turn: a message with the tool results that answer it), never the
     last user message nor the newest turn."""
-    limit = UPSTREAM_CONTEXT_WINDOW - MAX_OUTPUT_TOKENS
+    limit = ctx.config.UPSTREAM_CONTEXT_WINDOW - ctx.config.MAX_OUTPUT_TOKENS
     total = ctx.prompt_tokens(messages)
     head = conversation_head(messages)
     turns = []
@@ -2795,13 +2808,13 @@ def observe_prompt_tokens(ctx, answer, usage):
 PIPELINE = [
     Stage("normalise_messages", normalise_messages, required=True),
     Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True),
-    Stage("keep_ephemeral_blocks", keep_ephemeral_blocks, enabled=lambda: KEEP_EPHEMERAL),
-    Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda: DEDUP_BOILERPLATE),
-    Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda: DEDUP_TOOL_OUTPUTS),
-    Stage("dedup_near_duplicates", dedup_near_duplicates, enabled=lambda: NEAR_DUPLICATES),
-    Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda: MARKDOWN_DEDUP != "off"),
-    Stage("compress_system_prompt", compress_system_prompt, enabled=lambda: COMPRESS_SYSTEM),
-    Stage("summarise_over_budget", summarise_over_budget, enabled=lambda: SUMMARISE, answer=observe_prompt_tokens),
+    Stage("keep_ephemeral_blocks", keep_ephemeral_blocks, enabled=lambda config: config.KEEP_EPHEMERAL),
+    Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda config: config.DEDUP_BOILERPLATE),
+    Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda config: config.DEDUP_TOOL_OUTPUTS),
+    Stage("dedup_near_duplicates", dedup_near_duplicates, enabled=lambda config: config.NEAR_DUPLICATES),
+    Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda config: config.MARKDOWN_DEDUP != "off"),
+    Stage("compress_system_prompt", compress_system_prompt, enabled=lambda config: config.COMPRESS_SYSTEM),
+    Stage("summarise_over_budget", summarise_over_budget, enabled=lambda config: config.SUMMARISE, answer=observe_prompt_tokens),
 ]
 
 
@@ -2978,8 +2991,9 @@ def validate_chat_request(body):
 class Prepared:
     """A request ready to forward: the client's chat body, its context, and DeepSeek's body."""
 
-    def __init__(self, body, ctx, upstream_body):
+    def __init__(self, body, ctx, upstream_body, client_body=None):
         self.body, self.ctx, self.upstream_body = body, ctx, upstream_body
+        self.client_body = body if client_body is None else client_body  # as the client sent it, any front
         self.started = time.monotonic()
         self.hooks_ran = False
 
@@ -2999,7 +3013,7 @@ def run_pipeline(messages, ctx):
     """Apply the enabled stages of PIPELINE in order. A required stage that raises fails the
     request; an optional one is logged (with its traceback: it is our bug) and skipped."""
     for stage in PIPELINE:
-        if not stage.enabled():
+        if not stage.enabled(ctx.config):
             continue
         if stage.required:
             messages = stage.request(messages, ctx)
@@ -3012,14 +3026,16 @@ def run_pipeline(messages, ctx):
     return messages
 
 
-def prepare(body, state):
-    """Validate a chat body and rewrite it for DeepSeek. Raises ClientError for bad input."""
+def prepare(body, state, client_body=None):
+    """Validate a chat body and rewrite it for DeepSeek. Raises ClientError for bad input.
+    `client_body` is what the client sent when a front translated it (kept for dumps and /stats)."""
     validate_chat_request(body)
     ctx = RequestContext(body, state)
     ctx.tokens_in = ctx.prompt_tokens(body["messages"])
     messages = run_pipeline(body["messages"], ctx)
     ctx.tokens_out = ctx.prompt_tokens(messages)
-    return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking, ctx.notes))
+    return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking, ctx.config, ctx.notes),
+                    client_body)
 
 
 def answer_ended(prepared, collector):
@@ -3032,7 +3048,7 @@ def answer_ended(prepared, collector):
         remember()
     answer = collector.message()
     for stage in PIPELINE:
-        if stage.answer and stage.enabled():
+        if stage.answer and stage.enabled(prepared.ctx.config):
             try:
                 stage.answer(prepared.ctx, answer, collector.usage)
             except Exception:
@@ -3057,6 +3073,186 @@ def settle(prepared, collector=None, failure=None, client_gone=False):
         return Outcome(502, usage, True, "DeepSeek's answer broke off")
     answer_ended(prepared, collector)
     return Outcome(200, usage, True)
+
+
+class Writer:
+    """Where forward() sends the client's answer (the HTTP handler is one; tests and benchmarks pass
+    their own): send() a whole response, or open_stream(), write() each piece, end(); broken() when
+    the stream ended with an error (the connection should not be reused). A client that went away
+    raises ConnectionError (or socket.timeout) from a write."""
+
+    def send(self, status, data, headers):
+        raise NotImplementedError
+
+    def open_stream(self, headers):
+        raise NotImplementedError
+
+    def write(self, data):
+        raise NotImplementedError
+
+    def end(self):
+        raise NotImplementedError
+
+    def broken(self):
+        pass
+
+
+def response_headers(ctx, usage=None):
+    """The X-Proxy-* headers of an answer: what the proxy did, and DeepSeek's figures when known.
+    X-Proxy-Tokens-Out is the *estimated* prompt after the pipeline (X-Proxy-Tokens-Sent-Estimate)."""
+    headers = {"X-Proxy-Request-Id": ctx.request_id,
+               "X-Proxy-Tokens-In": str(ctx.tokens_in), "X-Proxy-Tokens-Out": str(ctx.tokens_out),
+               "X-Proxy-Reasoning-Restored": "%d/%d" % (ctx.reasoning_restored, ctx.reasoning_filled)}
+    if usage:
+        headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
+        headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage, ctx.config)
+    if ctx.notes:
+        headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
+    return headers
+
+
+def forward(prepared, exchange, front, writer, upstream=None):
+    """Send a prepared request to DeepSeek and answer the client through `writer`, translated by the
+    front's `exchange`: a whole answer, or the stream relayed event by event, the stages' answer
+    hooks run before the event that completes it. DeepSeek's errors go out in the front's shape.
+    Returns the settled Outcome. `upstream(prepared) -> response` replaces the call to DeepSeek
+    (tests, benchmarks)."""
+    ctx = prepared.ctx
+    collector = failure = None
+    client_gone = False
+    try:
+        response = upstream(prepared) if upstream else open_upstream(
+            ctx.state, prepared.upstream_body, tools_json=ctx.tools_json)
+        collector = AnswerCollector()
+        if prepared.upstream_body.get("stream"):
+            client_gone = relay_stream(response, prepared, collector, exchange, writer)
+        else:
+            relay_whole(response, prepared, collector, exchange, writer)
+    except UpstreamError as error:
+        failure = error
+        headers = response_headers(ctx)
+        if error.retry_after is not None:
+            headers["Retry-After"] = str(int(error.retry_after + 0.999))
+        payload = front.upstream_error(error)
+        writer.send(error.status, json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace"), headers)
+    finally:
+        outcome = settle(prepared, collector, failure, client_gone)
+        if outcome.status == 200:
+            exchange.finished(prepared, collector, outcome)
+    return outcome
+
+
+def relay_whole(response, prepared, collector, exchange, writer):
+    """A whole (non-streamed) answer: read, checked for the key, fed to the collector, translated."""
+    config, api_key = prepared.ctx.config, prepared.ctx.state.api_key
+    try:
+        with response:
+            raw = response.read(config.MAX_UPSTREAM_EVENT_BYTES)
+        answer = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError, http.client.HTTPException) as error:
+        raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error, "upstream_error"))
+    if leaks_key(raw, answer, api_key):
+        log.warning("[%s] DeepSeek's answer contained the proxy's key; redacted", prepared.ctx.request_id)
+        answer = redact_value(answer, api_key)
+        raw = to_json(answer).encode("utf-8")
+    if isinstance(answer, dict):
+        collector.feed_response(answer)
+    collector.done = True
+    answer_ended(prepared, collector)
+    writer.send(200, exchange.answer(raw.strip(), answer, collector), response_headers(prepared.ctx, collector.usage))
+
+
+def relay_stream(response, prepared, collector, exchange, writer):
+    """Relay each SSE event the moment its blank line arrives, translated by the front; the answer
+    hooks run before the event that completes the answer is written. An event is a block of lines
+    ended by a blank line (LF or CRLF); `data:` with or without a space; comments are keep-alives.
+    Returns True when the client went away."""
+    config = prepared.ctx.config
+    writer.open_stream(response_headers(prepared.ctx))
+    block, size, total = [], 0, 0
+    try:
+        writer.write(exchange.stream_start())
+        with response:
+            while True:
+                try:
+                    line = response.readline(config.MAX_UPSTREAM_EVENT_BYTES + 1)
+                except (OSError, ValueError, http.client.HTTPException) as error:
+                    end_stream_with_error(prepared, collector, exchange, writer, "DeepSeek's stream broke off: %s" % error)
+                    break
+                size += len(line)
+                total += len(line)
+                if total > config.MAX_ANSWER_BYTES:
+                    end_stream_with_error(prepared, collector, exchange, writer, "DeepSeek's answer passed %d bytes "
+                                          "(--max-answer-bytes)." % config.MAX_ANSWER_BYTES)
+                    break
+                if size > config.MAX_UPSTREAM_EVENT_BYTES:
+                    end_stream_with_error(prepared, collector, exchange, writer, "DeepSeek sent an event over %d "
+                                          "bytes." % config.MAX_UPSTREAM_EVENT_BYTES)
+                    break
+                if not line:
+                    if block:  # the last event lacked its blank line
+                        relay_event(prepared, collector, exchange, writer, b"".join(block) + b"\n")
+                    if not collector.complete:
+                        end_stream_with_error(prepared, collector, exchange, writer,
+                                              "DeepSeek closed the stream before its end.")
+                    break
+                if line.strip():
+                    block.append(line)
+                    continue
+                if block:
+                    relay_event(prepared, collector, exchange, writer, b"".join(block) + line)
+                    block, size = [], 0
+        writer.end()
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
+        log.info("[%s] client went away mid-stream (%s); upstream closed", prepared.ctx.request_id,
+                 type(error).__name__)
+        writer.broken()
+        return True
+    return False
+
+
+def relay_event(prepared, collector, exchange, writer, event):
+    """One upstream SSE event: parsed, checked for the key, fed to the collector, translated, written."""
+    api_key = prepared.ctx.state.api_key
+    chunks, ended = [], False
+    for line in event.splitlines():
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            collector.done = ended = True
+            continue
+        try:
+            chunk = json.loads(data)
+            if leaks_key(data, chunk, api_key):
+                chunk = redact_value(chunk, api_key)
+                event = b"data: " + to_json(chunk).encode("utf-8") + b"\n\n"
+            collector.feed_chunk(chunk)
+            chunks.append(chunk)
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+            continue  # an odd chunk is still relayed as it came; it just is not understood
+    if api_key and api_key.encode("utf-8") in event:  # outside the JSON
+        event = event.replace(api_key.encode("utf-8"), b"[redacted]")
+    answer_ended(prepared, collector)  # no-op until the answer is complete
+    if not chunks and not ended:
+        writer.write(exchange.stream_keepalive(event))
+        return
+    out = exchange.stream_event(event, chunks)
+    if ended:
+        out += exchange.stream_end(collector)
+    writer.write(out)
+
+
+def end_stream_with_error(prepared, collector, exchange, writer, message):
+    """After a 200 has gone out the only way to report a failure is an error event (the OpenAI SDKs
+    raise APIError; Anthropic's an error event). A stream that had already finished just gets its end."""
+    if collector.finish_reason:
+        collector.done = True
+        writer.write(exchange.stream_event(b"data: [DONE]\n\n", []) + exchange.stream_end(collector))
+        return
+    log.warning("[%s] %s", prepared.ctx.request_id, message)
+    writer.write(exchange.stream_error(message))
+    writer.broken()
 
 
 # =====================================================================================================
@@ -3170,9 +3366,28 @@ class ChatExchange(Exchange):
         return b"data: " + json.dumps(error_body(message, "upstream_error", "upstream_stream_error")).encode() + b"\n\n"
 
 
-class ChatFront:
+class Front:
+    """A front: its exchange (one request's translation), its error envelope, and how DeepSeek's own
+    errors are passed on (in the front's envelope, DeepSeek's message and code kept)."""
+
+    exchange = None
+
+    @staticmethod
+    def error(status, message, code):
+        raise NotImplementedError
+
+    @classmethod
+    def upstream_error(cls, error):
+        return cls.error(error.status, error.message(), (error.body.get("error") or {}).get("code") or "upstream_error")
+
+
+class ChatFront(Front):
     exchange = ChatExchange
     error = staticmethod(chat_error)
+
+    @classmethod
+    def upstream_error(cls, error):
+        return error.body  # already DeepSeek's (OpenAI's) envelope
 
 
 # -- Anthropic Messages --------------------------------------------------------------------------------
@@ -3222,7 +3437,7 @@ def anthropic_to_chat(body, state):
             chat.extend(anthropic_user(blocks, index, notes))
         else:
             chat.append(anthropic_assistant(blocks, index, state))
-    chat_body = {"model": DEFAULT_MODEL, "messages": chat, "stream": bool(body.get("stream"))}
+    chat_body = {"model": state.config.DEFAULT_MODEL, "messages": chat, "stream": bool(body.get("stream"))}
     tools = []
     for tool in body.get("tools") or ():
         require(isinstance(tool, dict) and isinstance(tool.get("name"), str), "Each tool needs a 'name'.")
@@ -3297,7 +3512,7 @@ class AnthropicExchange(Exchange):
     def __init__(self, body, state):
         self.state = state
         self.chat_body, self.notes = anthropic_to_chat(body, state)
-        self.model = body.get("model") if isinstance(body.get("model"), str) else DEFAULT_MODEL
+        self.model = body.get("model") if isinstance(body.get("model"), str) else state.config.DEFAULT_MODEL
         self.id = "msg_" + uuid.uuid4().hex[:24]
         self.block = None  # (kind, index) of the open content block
         self.blocks = 0
@@ -3395,7 +3610,7 @@ class AnthropicExchange(Exchange):
         return self.close_block() + sse("error", {"type": "error", "error": {"type": "api_error", "message": message}})
 
 
-class AnthropicFront:
+class AnthropicFront(Front):
     exchange = AnthropicExchange
 
     @staticmethod
@@ -3607,7 +3822,7 @@ class ResponsesExchange(Exchange):
         self.tools = ResponsesTools(body.get("tools"), self.notes)
         instructions, self.history = responses_to_chat(body, state, self.tools, self.notes)
         require(instructions or self.history, "'input' must not be empty.")
-        self.chat_body = {"model": DEFAULT_MODEL, "messages": instructions + self.history,
+        self.chat_body = {"model": state.config.DEFAULT_MODEL, "messages": instructions + self.history,
                           "stream": bool(body.get("stream"))}
         if self.tools.functions:
             self.chat_body["tools"] = self.tools.functions
@@ -3657,7 +3872,7 @@ class ResponsesExchange(Exchange):
     def response(self, status, output, usage=None, error=None):
         usage = usage or {}
         result = {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                  "model": self.body.get("model") if isinstance(self.body.get("model"), str) else DEFAULT_MODEL,
+                  "model": self.body.get("model") if isinstance(self.body.get("model"), str) else self.state.config.DEFAULT_MODEL,
                   "output": output, "parallel_tool_calls": True, "tool_choice": self.body.get("tool_choice", "auto"),
                   "tools": self.body.get("tools") or [], "store": self.body.get("store", True) is not False,
                   "previous_response_id": self.body.get("previous_response_id"),
@@ -3816,7 +4031,7 @@ class ResponsesExchange(Exchange):
         self.state.responses.put(self.id, {"history": self.history + [answer], "response": self.final})
 
 
-class ResponsesFront:
+class ResponsesFront(Front):
     exchange = ResponsesExchange
 
     @staticmethod
@@ -3843,7 +4058,7 @@ def explain(body, state, front=None):
     ctx.tokens_in = ctx.prompt_tokens(messages)
     report = []
     for stage in PIPELINE:
-        if not stage.enabled():
+        if not stage.enabled(ctx.config):
             report.append({"stage": stage.name, "enabled": False})
             continue
         before, notes = messages, len(ctx.notes)
@@ -3860,13 +4075,13 @@ def explain(body, state, front=None):
                           "after": content_text(messages[index].get("content"))[:300]}
                          for index in changed[:3] if len(before) == len(messages)]})
     ctx.tokens_out = ctx.prompt_tokens(messages)
-    budget = SUMMARY_RATIO * MAX_CONTEXT
+    budget = state.config.SUMMARY_RATIO * state.config.MAX_CONTEXT
     return {"front": front.__name__.replace("Front", "").lower(), "notes": exchange.notes + ctx.notes,
             "tokens_in_estimate": ctx.tokens_in, "tokens_out_estimate": ctx.tokens_out,
-            "budget": {"tokens": int(budget), "watermark": int(SUMMARY_WATERMARK * MAX_CONTEXT),
+            "budget": {"tokens": int(budget), "watermark": int(state.config.SUMMARY_WATERMARK * state.config.MAX_CONTEXT),
                        "decision": "over the budget" if ctx.tokens_in >= budget else
-                       "past the watermark" if ctx.tokens_in >= SUMMARY_WATERMARK * MAX_CONTEXT else "under the budget"},
-            "stages": report, "would_send": build_upstream_body(chat_body, messages, ctx.thinking)}
+                       "past the watermark" if ctx.tokens_in >= state.config.SUMMARY_WATERMARK * state.config.MAX_CONTEXT else "under the budget"},
+            "stages": report, "would_send": build_upstream_body(chat_body, messages, ctx.thinking, ctx.config)}
 
 
 # =====================================================================================================
@@ -3879,7 +4094,9 @@ class Stats:
     A call whose usage is missing counts in `unmeasured_calls`, never as zero tokens."""
 
     SERIES_MINUTES = 1440  # one day of per-minute points
-    def __init__(self):
+
+    def __init__(self, config=None):
+        self.config = config or DEFAULT_CONFIG
         self.started = time.time()
         self.totals = collections.Counter()
         self.per_model = collections.defaultdict(collections.Counter)
@@ -3897,7 +4114,7 @@ class Stats:
                 self.series.popitem(last=False)
 
     @staticmethod
-    def usage_values(usage, prefix=""):
+    def usage_values(usage, config, prefix=""):
         if not usage:
             return {prefix + "unmeasured_calls": 1}
         hit = usage.get("prompt_cache_hit_tokens") or 0
@@ -3908,7 +4125,7 @@ class Stats:
                 prefix + "completion_tokens": usage.get("completion_tokens") or 0,
                 prefix + "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
                     "reasoning_tokens") or 0,
-                prefix + "cost_usd": usage_cost(usage)}
+                prefix + "cost_usd": usage_cost(usage, config)}
 
     def record_request(self, ctx, outcome, entry=None):
         saved = sum(ctx.saved.values())
@@ -3918,26 +4135,26 @@ class Stats:
                                       "sent_prompt_tokens_estimate": ctx.tokens_out,
                                       "tokens_saved_estimate": saved,
                                       # a lower bound: removed tokens priced as if all were cache hits
-                                      "saved_usd_estimate": saved * PRICE_INPUT_CACHE_HIT / 1e6,
+                                      "saved_usd_estimate": saved * self.config.PRICE_INPUT_CACHE_HIT / 1e6,
                                       "reasoning_restored": ctx.reasoning_restored,
                                       "reasoning_filled_empty": ctx.reasoning_filled})
         for stage, tokens in ctx.saved.items():
             values["saved_by_" + stage] += tokens
         if outcome.upstream_called and not outcome.failed:
-            values.update(self.usage_values(outcome.usage))
-        self._add(DEFAULT_MODEL, values)
+            values.update(self.usage_values(outcome.usage, self.config))
+        self._add(self.config.DEFAULT_MODEL, values)
         if entry is not None:
             self.remember(entry)
 
     def record_summary(self, usage):
         values = collections.Counter({"summary_requests": 1})
-        values.update(self.usage_values(usage, prefix="summary_"))
-        self._add(SUMMARY_MODEL or DEFAULT_MODEL, values)
+        values.update(self.usage_values(usage, self.config, prefix="summary_"))
+        self._add(self.config.SUMMARY_MODEL or self.config.DEFAULT_MODEL, values)
 
     def record_refusal(self, status):
         """A request the proxy answered itself with an error (bad input, a route that does not exist,
         a refused browser request): counted, by status."""
-        self._add(DEFAULT_MODEL, {"refused_requests": 1, "refused_%d" % status: 1})
+        self._add(self.config.DEFAULT_MODEL, {"refused_requests": 1, "refused_%d" % status: 1})
 
     def remember(self, entry):
         with self._lock:
@@ -3953,7 +4170,7 @@ class Stats:
         usd = lambda value: round(value, 6)  # noqa: E731
         ratio = lambda part, whole: round(part / whole, 4) if whole else None  # noqa: E731
         stages = {name[len("saved_by_"):]: tokens for name, tokens in t.items() if name.startswith("saved_by_")}
-        gross = sum(stages.values()) * PRICE_INPUT_CACHE_HIT / 1e6
+        gross = sum(stages.values()) * self.config.PRICE_INPUT_CACHE_HIT / 1e6
         chat, proxy_calls = t["cost_usd"], t["summary_cost_usd"]
         return {
             "version": __version__, "uptime_s": round(time.time() - self.started, 1),
@@ -3971,7 +4188,7 @@ class Stats:
             "savings": {"gross_usd_estimate": usd(gross), "proxy_calls_usd": usd(proxy_calls),
                         "net_usd_estimate": usd(gross - proxy_calls),
                         "net_share_of_direct_estimate": ratio(gross - proxy_calls, chat + gross),
-                        "by_stage": {name: {"tokens_estimate": tokens, "usd_estimate": usd(tokens * PRICE_INPUT_CACHE_HIT / 1e6)}
+                        "by_stage": {name: {"tokens_estimate": tokens, "usd_estimate": usd(tokens * self.config.PRICE_INPUT_CACHE_HIT / 1e6)}
                                      for name, tokens in sorted(stages.items())}},
             "proxy_calls": {"requests": t["summary_requests"], "prompt": t["summary_upstream_prompt_tokens"],
                             "budget_per_hour": state.own_calls.per_hour, "last_hour": state.own_calls.used(),
@@ -3982,8 +4199,8 @@ class Stats:
                           "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
             "caches": {"summaries": len(state.summaries.entries), "responses": len(state.responses.items),
                        "ephemeral_blocks": len(state.ephemeral)},
-            "prices_usd_per_million": {"input_cache_hit": PRICE_INPUT_CACHE_HIT,
-                                       "input_cache_miss": PRICE_INPUT_CACHE_MISS, "output": PRICE_OUTPUT},
+            "prices_usd_per_million": {"input_cache_hit": self.config.PRICE_INPUT_CACHE_HIT,
+                                       "input_cache_miss": self.config.PRICE_INPUT_CACHE_MISS, "output": self.config.PRICE_OUTPUT},
             "per_minute": [{"minute": minute, "requests": values.get("requests", 0),
                             "cost_usd": usd(values.get("cost_usd", 0)),
                             "proxy_calls_cost_usd": usd(values.get("summary_cost_usd", 0)),
@@ -4099,8 +4316,8 @@ class MessageDumps:
     by a background thread after the answer. Only bodies, never headers, so no key reaches the disk;
     only the proxy's own dump files are ever pruned."""
 
-    def __init__(self, data_dir, warn):
-        self.data_dir, self.warn = data_dir, warn
+    def __init__(self, data_dir, warn, config=None):
+        self.data_dir, self.warn, self.config = data_dir, warn, config or DEFAULT_CONFIG
         self.sequence = itertools.count()  # orders dumps made within the same second
         self.pending = queue.Queue(maxsize=64)
         self.writer = None
@@ -4108,7 +4325,7 @@ class MessageDumps:
 
     def save(self, prepared):
         """Queue the dumps of one request; returns their file name (pre_msg/ and post_msg/), or None."""
-        if not SAVE_PREPOST_MSGS:
+        if not self.config.SAVE_PREPOST_MSGS:
             return None
         name = "%s-%06d-%s.json" % (time.strftime("%Y%m%d-%H%M%S"), next(self.sequence) % 1000000,
                                     prepared.ctx.request_id)
@@ -4117,7 +4334,7 @@ class MessageDumps:
                 self.writer = threading.Thread(target=self._write_loop, daemon=True, name="dumps")
                 self.writer.start()
         try:
-            self.pending.put_nowait((name, prepared.body, prepared.upstream_body))
+            self.pending.put_nowait((name, prepared.client_body, prepared.upstream_body))
         except queue.Full:
             self.warn("message dumps", "the disk is slower than the requests; some dumps skipped")
             return None
@@ -4130,7 +4347,7 @@ class MessageDumps:
                 path = os.path.join(self.data_dir, folder)
                 try:
                     atomic_write(os.path.join(path, name), json.dumps(body, ensure_ascii=False, indent=1))
-                    prune_files(path, DUMP_FILE_NAME, MAX_DUMP_FILES, self.warn)
+                    prune_files(path, DUMP_FILE_NAME, self.config.MAX_DUMP_FILES, self.warn)
                 except (OSError, UnicodeEncodeError) as error:
                     self.warn("writing message dumps to " + path, error)
             self.pending.task_done()
@@ -4148,11 +4365,11 @@ def record(state, prepared, outcome, route):
     dump = state.dumps.save(prepared)
     state.stats.record_request(ctx, outcome, {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "route": route, "id": ctx.request_id,
-        "model": str(prepared.body.get("model"))[:80], "messages": len(prepared.body.get("messages") or ()),
+        "model": str(prepared.client_body.get("model") if isinstance(prepared.client_body, dict) else None)[:80], "messages": len(prepared.body.get("messages") or ()),
         "stream": bool(prepared.body.get("stream")), "status": outcome.status,
         "tokens_in_estimate": ctx.tokens_in, "tokens_out_estimate": ctx.tokens_out,
         "prompt_tokens": usage.get("prompt_tokens"), "cache_hit_tokens": usage.get("prompt_cache_hit_tokens"),
-        "completion_tokens": usage.get("completion_tokens"), "cost_usd": round(usage_cost(usage), 6),
+        "completion_tokens": usage.get("completion_tokens"), "cost_usd": round(usage_cost(usage, state.config), 6),
         "removed_by_stage": {stage: tokens for stage, tokens in ctx.saved.items() if tokens},
         "reasoning_restored": ctx.reasoning_restored, "notes": ctx.notes[:10], "error": outcome.error,
         "dump": dump})
@@ -4162,7 +4379,7 @@ def record(state, prepared, outcome, route):
              ctx.request_id, route, bool(prepared.body.get("stream")), len(prepared.body.get("messages") or ()),
              ctx.tokens_in, ctx.tokens_out, outcome.status, usage.get("prompt_tokens", "-"),
              usage.get("prompt_cache_hit_tokens", "-"), usage.get("completion_tokens", "-"),
-             usage_cost(usage), "-" if ctx.estimate_error is None else "%+.1f%%" % (100 * ctx.estimate_error),
+             usage_cost(usage, state.config), "-" if ctx.estimate_error is None else "%+.1f%%" % (100 * ctx.estimate_error),
              ctx.reasoning_restored, ctx.reasoning_filled, saved,
              (" notes=" + "; ".join(ctx.notes)) if ctx.notes else "",
              (" error=" + outcome.error) if outcome.error else "", (time.monotonic() - prepared.started) * 1000)
@@ -4191,13 +4408,13 @@ def split_host(value):
     return name, int(port) if port else None
 
 
-def host_allowed(value, port):
+def host_allowed(value, port, config):
     """The Host header names this proxy: a loopback name or address, HOST, or an --allowed-host,
     and, if it has a port, the port the proxy listens on."""
     name, given_port = split_host(value)
     if not name or (given_port is not None and given_port != port):
         return False
-    allowed = {HOST.lower().strip("[]")} | {host.lower() for host in ALLOWED_HOSTS}
+    allowed = {config.HOST.lower().strip("[]")} | {host.lower() for host in config.ALLOWED_HOSTS}
     return is_loopback(name) or name in allowed or "*" in allowed
 
 
@@ -4205,7 +4422,8 @@ class Deadlines:
     """One thread that cuts off connections whose request is not in by its deadline: a client that
     sends one byte every few seconds cannot hold a thread longer than CLIENT_TIMEOUT."""
 
-    def __init__(self):
+    def __init__(self, config):
+        self.config = config
         self.heap = []  # (deadline, sequence, socket, token)
         self.sequence = itertools.count()
         self.condition = threading.Condition()
@@ -4245,7 +4463,7 @@ class Deadlines:
                 heapq.heappop(self.heap)
             if token["armed"]:
                 token["expired"] = True
-                log.info("a client did not send its request within %.0fs; cut off", CLIENT_TIMEOUT)
+                log.info("a client did not send its request within %.0fs; cut off", self.config.CLIENT_TIMEOUT)
                 try:
                     sock.shutdown(socket.SHUT_RD)  # the blocked read ends; a 408 can still be sent
                 except OSError:
@@ -4264,6 +4482,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # client's delayed ACK (Nagle): that alone costs ~40 ms per response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.state = self.server.state
+        self.config = self.state.config
         self.deadline = None
         self.reserved = 0
         self.cors_origin = None
@@ -4273,7 +4492,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         """Wait up to IDLE_TIMEOUT for a request to begin, then give its headers and body
         CLIENT_TIMEOUT in total."""
-        self.connection.settimeout(IDLE_TIMEOUT)
+        self.connection.settimeout(self.config.IDLE_TIMEOUT)
         self.server.waiting(self.connection, True)  # evictable until its request's headers are in
         try:
             if not self.rfile.peek(1):
@@ -4282,8 +4501,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except (OSError, ValueError):
             self.close_connection = True
             return
-        self.connection.settimeout(CLIENT_TIMEOUT)
-        self.deadline = self.server.deadlines.arm(self.connection, CLIENT_TIMEOUT)
+        self.connection.settimeout(self.config.CLIENT_TIMEOUT)
+        self.deadline = self.server.deadlines.arm(self.connection, self.config.CLIENT_TIMEOUT)
         self.cors_origin, self.head_only, self.front = None, False, ChatFront
         try:
             super().handle_one_request()
@@ -4304,7 +4523,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """The request is in: the deadline no longer applies (answers may take minutes)."""
         Deadlines.disarm(self.deadline)
         self.deadline = None
-        self.connection.settimeout(CLIENT_TIMEOUT)
+        self.connection.settimeout(self.config.CLIENT_TIMEOUT)
 
     def log_message(self, format, *args):  # each chat request gets its own line from record()
         log.debug("%s %s", self.address_string(), format % args)
@@ -4321,10 +4540,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             except ClientError as error:
                 return self.send_error_json(error.status, error.message, error.code)
         if path in MODEL_PATHS:
-            self.send_json(200, {"object": "list", "data": [model_entry(DEFAULT_MODEL)], "has_more": False,
-                                 "first_id": DEFAULT_MODEL, "last_id": DEFAULT_MODEL})
+            self.send_json(200, {"object": "list", "data": [model_entry(self.config.DEFAULT_MODEL, self.config)], "has_more": False,
+                                 "first_id": self.config.DEFAULT_MODEL, "last_id": self.config.DEFAULT_MODEL})
         elif path.startswith(tuple(prefix + "/" for prefix in MODEL_PATHS)):
-            self.send_json(200, model_entry(path.rsplit("/", 1)[1]))
+            self.send_json(200, model_entry(path.rsplit("/", 1)[1], self.config))
         elif path.startswith(tuple(prefix + "/" for prefix in RESPONSES_PATHS)):
             stored = self.state.responses.get(path.rsplit("/", 1)[1])
             if stored is None:
@@ -4333,7 +4552,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             else:
                 self.send_json(200, stored["response"])
         elif path == "/health":
-            health = {"status": "ok", "version": __version__, "upstream": DEEPSEEK_BASE, "model": DEFAULT_MODEL,
+            health = {"status": "ok", "version": __version__, "upstream": self.config.DEEPSEEK_BASE, "model": self.config.DEFAULT_MODEL,
                       "api_key_configured": bool(self.state.api_key)}
             if not self.state.api_key:
                 health.update(status="not_ready", reason="no DeepSeek API key: set DEEPSEEK_API_KEY or write the "
@@ -4433,11 +4652,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def foreign_request(self):
         host = self.headers.get("Host")
-        if host is not None and not host_allowed(host, self.server.server_address[1]):
+        if host is not None and not host_allowed(host, self.server.server_address[1], self.config):
             return 403, "Host %r is not a name of this proxy" % host[:100]
         origin = self.headers.get("Origin")
         if origin is not None:
-            allowed = [item.lower().rstrip("/") for item in ALLOW_ORIGINS]
+            allowed = [item.lower().rstrip("/") for item in self.config.ALLOW_ORIGINS]
             if origin.lower() in allowed or "*" in allowed:
                 self.cors_origin = origin
             elif not self.own_origin(origin, host):
@@ -4470,7 +4689,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def check_proxy_key(self):
         """With --proxy-key, the client must send it: as a bearer token, or as x-api-key (Anthropic)."""
         given = bearer_token(self.headers.get("Authorization")) or (self.headers.get("x-api-key") or "").strip()
-        if PROXY_KEY and not hmac_equal(given, PROXY_KEY):
+        if self.config.PROXY_KEY and not hmac_equal(given, self.config.PROXY_KEY):
             self.discard_body()
             raise ClientError(401, "Invalid proxy key: send the key set with --proxy-key as the bearer token.",
                               "invalid_api_key")
@@ -4486,30 +4705,38 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
         exchange = front.exchange(body, self.state)
         self.reserve(exchange.expanded_bytes)
-        prepared = prepare(exchange.chat_body, self.state)
+        prepared = prepare(exchange.chat_body, self.state, client_body=body)
         prepared.ctx.notes.extend(exchange.notes)
-        collector = failure = outcome = None
-        client_gone = False
-        try:
-            response = open_upstream(self.state, prepared.upstream_body, tools_json=prepared.ctx.tools_json)
-            collector = AnswerCollector()
-            if prepared.upstream_body.get("stream"):
-                client_gone = self.relay_stream(response, prepared, collector, exchange)
-            else:
-                self.relay_json(response, prepared, collector, exchange)
-        except UpstreamError as error:
-            failure = error
-            headers = dict(self.proxy_headers(prepared.ctx))
-            if error.retry_after is not None:
-                headers["Retry-After"] = str(int(error.retry_after + 0.999))
-            payload = error.body if front is ChatFront else front.error(
-                error.status, error.message(), (error.body.get("error") or {}).get("code") or "upstream_error")
-            self.send_json(error.status, payload, headers)
-        finally:
-            outcome = settle(prepared, collector, failure, client_gone)
-            if outcome.status == 200:
-                exchange.finished(prepared, collector, outcome)
-            record(self.state, prepared, outcome, self.route())
+        outcome = forward(prepared, exchange, front, self)
+        record(self.state, prepared, outcome, self.route())
+
+    # -- the writer forward() answers through (see Writer)
+
+    def send(self, status, data, headers):
+        self.send_body(status, data, "application/json", headers)
+
+    def open_stream(self, headers):
+        self.send_response(200)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def write(self, data):
+        """One chunk of a chunked body, sent at once; empty data writes nothing (end() ends)."""
+        if data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def end(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def broken(self):
+        self.close_connection = True
 
     def handle_explain(self):
         """POST /v1/proxy/explain: what the pipeline would do with this request; nothing is sent."""
@@ -4519,122 +4746,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def handle_count_tokens(self):
         self.check_proxy_key()
         self.send_json(200, count_tokens(self.read_json_body(), self.state))
-
-    def relay_json(self, response, prepared, collector, exchange):
-        try:
-            with response:
-                raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
-            answer = json.loads(raw.decode("utf-8"))
-        except (OSError, ValueError, RecursionError, http.client.HTTPException) as error:
-            raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error,
-                                                "upstream_error"))
-        if leaks_key(raw, answer, self.state.api_key):
-            log.warning("[%s] DeepSeek's answer contained the proxy's key; redacted", prepared.ctx.request_id)
-            answer = redact_value(answer, self.state.api_key)
-            raw = to_json(answer).encode("utf-8")
-        if isinstance(answer, dict):
-            collector.feed_response(answer)
-        collector.done = True
-        answer_ended(prepared, collector)
-        self.send_body(200, exchange.answer(raw.strip(), answer, collector), "application/json",
-                       self.proxy_headers(prepared.ctx, collector.usage))
-
-    def relay_stream(self, response, prepared, collector, exchange):
-        """Relay each SSE event the moment its blank line arrives, translated by the front; the
-        answer hooks run before the event that completes the answer is written. Returns True when
-        the client went away."""
-        self.send_response(200)
-        for name, value in self.proxy_headers(prepared.ctx).items():
-            self.send_header(name, value)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        block, size, total = [], 0, 0
-        try:
-            self.write_chunk(exchange.stream_start())
-            with response:
-                while True:
-                    try:
-                        line = response.readline(MAX_UPSTREAM_EVENT_BYTES + 1)
-                    except (OSError, ValueError, http.client.HTTPException) as error:
-                        self.end_stream_with_error(prepared, collector, exchange,
-                                                   "DeepSeek's stream broke off: %s" % error)
-                        break
-                    size += len(line)
-                    total += len(line)
-                    if total > MAX_ANSWER_BYTES:
-                        self.end_stream_with_error(prepared, collector, exchange,
-                                                   "DeepSeek's answer passed %d bytes (--max-answer-bytes)." %
-                                                   MAX_ANSWER_BYTES)
-                        break
-                    if size > MAX_UPSTREAM_EVENT_BYTES:
-                        self.end_stream_with_error(prepared, collector, exchange,
-                                                   "DeepSeek sent an event over %d bytes." % MAX_UPSTREAM_EVENT_BYTES)
-                        break
-                    if not line:
-                        if block:  # the last event lacked its blank line
-                            self.relay_event(prepared, collector, exchange, b"".join(block) + b"\n")
-                        if not collector.complete:
-                            self.end_stream_with_error(prepared, collector, exchange,
-                                                       "DeepSeek closed the stream before its end.")
-                        break
-                    if line.strip():
-                        block.append(line)
-                        continue
-                    if block:
-                        self.relay_event(prepared, collector, exchange, b"".join(block) + line)
-                        block, size = [], 0
-            self.end_chunks()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout) as error:
-            log.info("[%s] client went away mid-stream (%s); upstream closed", prepared.ctx.request_id,
-                     type(error).__name__)
-            self.close_connection = True
-            return True
-        return False
-
-    def relay_event(self, prepared, collector, exchange, event):
-        """One upstream SSE event: parsed, fed to the collector, translated, written."""
-        chunks, ended = [], False
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                collector.done = ended = True
-                continue
-            try:
-                chunk = json.loads(data)
-                if leaks_key(data, chunk, self.state.api_key):
-                    chunk = redact_value(chunk, self.state.api_key)
-                    event = b"data: " + to_json(chunk).encode("utf-8") + b"\n\n"
-                collector.feed_chunk(chunk)
-                chunks.append(chunk)
-            except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
-                continue  # an odd chunk is still relayed as it came; it just is not understood
-        if self.state.api_key and self.state.api_key.encode("utf-8") in event:  # outside the JSON
-            event = event.replace(self.state.api_key.encode("utf-8"), b"[redacted]")
-        answer_ended(prepared, collector)  # no-op until the answer is complete
-        if not chunks and not ended:
-            self.write_chunk(exchange.stream_keepalive(event))
-            return
-        out = exchange.stream_event(event, chunks)
-        if ended:
-            out += exchange.stream_end(collector)
-        self.write_chunk(out)
-
-    def end_stream_with_error(self, prepared, collector, exchange, message):
-        """After a 200 has gone out the only way to report a failure is an error event (the OpenAI
-        SDKs raise APIError; Anthropic's an error event). A stream that had already finished just
-        gets its end."""
-        if collector.finish_reason:
-            collector.done = True
-            self.write_chunk(exchange.stream_event(b"data: [DONE]\n\n", []) + exchange.stream_end(collector))
-            return
-        log.warning("[%s] %s", prepared.ctx.request_id, message)
-        self.write_chunk(exchange.stream_error(message))
-        self.close_connection = True
 
     # -- plumbing
 
@@ -4656,9 +4767,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 raise ValueError
         except ValueError:
             raise ClientError(400, "Content-Length is not a number.", close=True)
-        if length > MAX_REQUEST_BYTES:
+        if length > self.config.MAX_REQUEST_BYTES:
             raise ClientError(413, "Request body of %d bytes exceeds the limit of %d bytes." % (
-                length, MAX_REQUEST_BYTES), "request_too_large", close=True)
+                length, self.config.MAX_REQUEST_BYTES), "request_too_large", close=True)
         chunks, received = [], 0
         try:
             while received < length:  # count the in-flight budget as bytes arrive, not as announced
@@ -4674,12 +4785,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         del chunks
         if len(raw) < length:
             if (self.deadline or {}).get("expired") or not raw:
-                raise ClientError(408, "The request was not sent within %.0fs." % CLIENT_TIMEOUT,
+                raise ClientError(408, "The request was not sent within %.0fs." % self.config.CLIENT_TIMEOUT,
                                   "request_timeout", close=True)
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
         self.body_read()
-        if json_depth(raw) > MAX_JSON_DEPTH:
-            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % MAX_JSON_DEPTH,
+        if json_depth(raw, self.config.MAX_JSON_DEPTH) > self.config.MAX_JSON_DEPTH:
+            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % self.config.MAX_JSON_DEPTH,
                               "invalid_json")
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -4734,17 +4845,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.track(-1)
 
-    def proxy_headers(self, ctx, usage=None):
-        headers = {"X-Proxy-Request-Id": ctx.request_id,
-                   "X-Proxy-Tokens-In": str(ctx.tokens_in), "X-Proxy-Tokens-Out": str(ctx.tokens_out),
-                   "X-Proxy-Reasoning-Restored": "%d/%d" % (ctx.reasoning_restored, ctx.reasoning_filled)}
-        if usage:
-            headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
-            headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage)
-        if ctx.notes:
-            headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
-        return headers
-
     def send_header(self, keyword, value):
         """Every header value leaves as printable ASCII on one line, whatever client or upstream
         text went into it."""
@@ -4755,16 +4855,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Access-Control-Allow-Origin", self.cors_origin)
             self.send_header("Vary", "Origin")
         super().end_headers()
-
-    def write_chunk(self, data):
-        """One chunk of a chunked body, sent at once; empty data writes nothing (end_chunks ends)."""
-        if data:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-
-    def end_chunks(self):
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
 
     def send_body(self, status, data, content_type, headers=None):
         self.send_response(status)
@@ -4794,11 +4884,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_json(status, payload, headers)
 
 
-def model_entry(name):
+def model_entry(name, config):
     """One model as both OpenAI's and Anthropic's model lists describe it; any name the client uses
     is served by DEFAULT_MODEL."""
     return {"id": name, "object": "model", "created": 0, "owned_by": "deepseek", "type": "model",
-            "display_name": "%s (served by %s)" % (name, DEFAULT_MODEL) if name != DEFAULT_MODEL else name,
+            "display_name": "%s (served by %s)" % (name, config.DEFAULT_MODEL) if name != config.DEFAULT_MODEL else name,
             "created_at": "2026-01-01T00:00:00Z"}
 
 
@@ -4831,7 +4921,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.state = state
-        self.deadlines = Deadlines()
+        self.config = state.config
+        self.deadlines = Deadlines(state.config)
         self.in_flight = 0
         self.connections = 0
         self.body_bytes = 0
@@ -4852,7 +4943,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def reserve_body(self, length, small=False):
         with self._count_lock:
-            if not small and self.body_bytes and self.body_bytes + length > MAX_BODY_BYTES_IN_FLIGHT:
+            if not small and self.body_bytes and self.body_bytes + length > self.config.MAX_BODY_BYTES_IN_FLIGHT:
                 return False
             self.body_bytes += length
             return True
@@ -4867,7 +4958,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         that has not finished its headers) is closed to make room: silent sockets cannot fill the
         proxy. Only when every connection is busy with a request is the new one answered 503."""
         with self._count_lock:
-            busy = self.connections >= MAX_CONNECTIONS
+            busy = self.connections >= self.config.MAX_CONNECTIONS
             if busy and self.idle:
                 evicted, _ = self.idle.popitem(last=False)
                 busy = False
@@ -4878,7 +4969,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             if not busy:
                 self.connections += 1
         if busy:
-            payload = json.dumps(error_body("The proxy has %d connections open; retry shortly." % MAX_CONNECTIONS,
+            payload = json.dumps(error_body("The proxy has %d connections open; retry shortly." % self.config.MAX_CONNECTIONS,
                                             "server_error", "too_many_connections")).encode()
             try:
                 request.setblocking(False)
@@ -4920,28 +5011,29 @@ class ProxyState:
     `summarise(messages, max_tokens, tools=None, thinking=False) -> text` is the proxy's own summary
     call (request_summary); a benchmark may give a state a stand-in."""
 
-    def __init__(self, data_dir=None, api_key=None, persist=True):
-        self.data_dir = data_dir or DATA_DIR or SCRIPT_DIR
+    def __init__(self, config=None, data_dir=None, api_key=None, persist=True):
+        self.config = config = config or Config()
+        self.data_dir = data_dir or config.DATA_DIR or SCRIPT_DIR
         self.api_key = load_api_key(self.data_dir) if api_key is None else api_key
-        self.upstream = UpstreamPool(DEEPSEEK_BASE, UPSTREAM_POOL_SIZE)
+        self.upstream = UpstreamPool(config.DEEPSEEK_BASE, config.UPSTREAM_POOL_SIZE)
         path = lambda name, on: os.path.join(self.data_dir, name) if (persist and on) else None  # noqa: E731
         self.warn = DiskWarnings()
-        self.reasoning = ReasoningCache(MAX_CACHE_SIZE, MAX_CACHE_BYTES, path("reasoning_cache.jsonl", PERSIST_REASONING),
+        self.reasoning = ReasoningCache(config.MAX_CACHE_SIZE, config.MAX_CACHE_BYTES, path("reasoning_cache.jsonl", config.PERSIST_REASONING),
                                         self.warn)
-        self.summaries = SummaryCache(SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", PERSIST_SUMMARIES), self.warn)
+        self.summaries = SummaryCache(config.SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", config.PERSIST_SUMMARIES), self.warn)
         self.system_prompts = SystemPromptStore(self)
         self.conversation_summaries = ConversationSummaries(self)
         self.calibration = TokenCalibration()
-        self.stats = Stats()
-        self.stats_path = path("stats.json", PERSIST_STATS)
-        self.dumps = MessageDumps(self.data_dir, self.warn)
-        self.responses = ResponseStore(RESPONSES_STORE_SIZE, MAX_RESPONSES_BYTES)
-        self.deltas = LRU(4096, DELTA_MEMORY_CHARS)  # near-duplicate diffs by SHA-256 of the pair of texts
-        self.ephemeral = LRU(EPHEMERAL_MEMORY, EPHEMERAL_MEMORY_CHARS)  # ephemeral blocks by the history before them
+        self.stats = Stats(config)
+        self.stats_path = path("stats.json", config.PERSIST_STATS)
+        self.dumps = MessageDumps(self.data_dir, self.warn, config)
+        self.responses = ResponseStore(config.RESPONSES_STORE_SIZE, config.MAX_RESPONSES_BYTES)
+        self.deltas = LRU(4096, config.DELTA_MEMORY_CHARS)  # near-duplicate diffs by SHA-256 of the pair of texts
+        self.ephemeral = LRU(config.EPHEMERAL_MEMORY, config.EPHEMERAL_MEMORY_CHARS)  # ephemeral blocks by the history before them
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
-        self.own_calls = HourlyBudget(PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
+        self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
-        self.scans = Handover(64, SCAN_MEMORY_CHARS)  # near-duplicate scans to resume, by the history they cover
+        self.scans = Handover(64, config.SCAN_MEMORY_CHARS)  # near-duplicate scans to resume, by the history they cover
 
     def message_json(self, message):
         """json.dumps of one upstream message (byte-identical), its text content's JSON string taken
@@ -5028,13 +5120,13 @@ def save_stats_every_minute(state):
         state.stats.save(state.stats_path, state.warn)
 
 
-def explain_file(path):
+def explain_file(path, config):
     """--explain: the explanation of a saved request (a chat, Anthropic or Responses body, or a
     pre_msg/ dump), printed as JSON; no key needed, nothing sent."""
     try:
         with open(path, encoding="utf-8") as handle:
             body = json.load(handle)
-        result = explain(body, ProxyState(api_key="", persist=False))
+        result = explain(body, ProxyState(config, api_key="", persist=False))
     except (OSError, ValueError) as error:
         print("deepseek_proxy.py: error: cannot read %s: %s" % (path, error), file=sys.stderr)
         return 2
@@ -5045,10 +5137,10 @@ def explain_file(path):
     return 0
 
 
-def run_check():
+def run_check(config):
     """--check: a few small real calls (a fraction of a cent) that test what the proxy relies on.
     One line each: ok, or FAIL with what to do. Exit 0 when everything holds."""
-    state = ProxyState(api_key=None, persist=False)
+    state = ProxyState(config, api_key=None, persist=False)
     results = []
 
     def report(ok, text, advice=""):
@@ -5056,14 +5148,14 @@ def run_check():
         print("%s  %s%s" % ("ok  " if ok else "FAIL", text, "" if ok else " -> " + advice), flush=True)
 
     def call(messages, thinking=False, tools=None, stream=False):
-        payload = {"model": DEFAULT_MODEL, "messages": messages, "max_tokens": 64,
+        payload = {"model": config.DEFAULT_MODEL, "messages": messages, "max_tokens": 64,
                    "thinking": {"type": "enabled" if thinking else "disabled"}}
         if tools:
             payload["tools"] = tools
         if stream:
             payload.update(stream=True, stream_options={"include_usage": True})
         with open_upstream(state, payload, retries=1, base_sleep=1.0, timeout=120) as response:
-            raw = response.read(MAX_UPSTREAM_EVENT_BYTES)
+            raw = response.read(config.MAX_UPSTREAM_EVENT_BYTES)
         if not stream:
             return json.loads(raw)
         collector = AnswerCollector()
@@ -5074,12 +5166,12 @@ def run_check():
     if not state.api_key:
         report(False, "no DeepSeek API key", "set DEEPSEEK_API_KEY or write the key into K.dat")
         return 1
-    print("checking %s with model %s" % (DEEPSEEK_BASE, DEFAULT_MODEL), flush=True)
+    print("checking %s with model %s" % (config.DEEPSEEK_BASE, config.DEFAULT_MODEL), flush=True)
     try:
         answer = call([{"role": "user", "content": "Say OK."}])
         report(True, "key accepted and balance not exhausted")
-        report(answer.get("model") in (DEFAULT_MODEL, None) or DEFAULT_MODEL in str(answer.get("model")),
-               "model %s served (answered as %s)" % (DEFAULT_MODEL, answer.get("model")),
+        report(answer.get("model") in (config.DEFAULT_MODEL, None) or config.DEFAULT_MODEL in str(answer.get("model")),
+               "model %s served (answered as %s)" % (config.DEFAULT_MODEL, answer.get("model")),
                "set --default-model to a model DeepSeek serves")
         usage = answer.get("usage") or {}
         report(all(key in usage for key in ("prompt_tokens", "completion_tokens", "prompt_cache_hit_tokens")),
@@ -5127,7 +5219,7 @@ def run_check():
            "a stream ends with usage on its finish chunk", "streamed requests would be counted as unmeasured")
     print("info  prices configured (USD per 1M tokens): cache hit %s, cache miss %s, output %s; compare them with "
           "DeepSeek's current pricing and set --price-* if they differ" % (
-              PRICE_INPUT_CACHE_HIT, PRICE_INPUT_CACHE_MISS, PRICE_OUTPUT))
+              config.PRICE_INPUT_CACHE_HIT, config.PRICE_INPUT_CACHE_MISS, config.PRICE_OUTPUT))
     state.close()
     return 0 if all(results) else 1
 
@@ -5139,31 +5231,31 @@ def url_host(host):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    problems = config_problems()
+    config, args = parse_args(argv)
+    problems = config.problems()
     if problems:
         for problem in problems:
             print("deepseek_proxy.py: error: " + problem, file=sys.stderr)
         return 2
-    logging.basicConfig(level=LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if args.explain:
-        return explain_file(args.explain)
+        return explain_file(args.explain, config)
     if args.check:
-        return run_check()
-    if not is_loopback(HOST) and not PROXY_KEY and not ALLOW_OPEN:
+        return run_check(config)
+    if not is_loopback(config.HOST) and not config.PROXY_KEY and not config.ALLOW_OPEN:
         log.error("Refusing to listen on %s without --proxy-key: anyone who reaches it could spend your "
-                  "DeepSeek key. Set --proxy-key (or PROXY_API_KEY), or pass --allow-open.", HOST)
+                  "DeepSeek key. Set --proxy-key (or PROXY_API_KEY), or pass --allow-open.", config.HOST)
         return 2
-    if not is_loopback(HOST):
-        log.warning("Listening on %s: reachable from other machines%s.", HOST,
-                    "" if PROXY_KEY else " WITHOUT a proxy key")
-    problems = data_dir_problems(DATA_DIR or SCRIPT_DIR)
+    if not is_loopback(config.HOST):
+        log.warning("Listening on %s: reachable from other machines%s.", config.HOST,
+                    "" if config.PROXY_KEY else " WITHOUT a proxy key")
+    problems = data_dir_problems(config.DATA_DIR or SCRIPT_DIR)
     if problems:
         log.error("Refusing to use the data folder: %s. Another local user could read or replace the "
                   "proxy's files there.", "; ".join(problems))
         return 2
     try:
-        state = ProxyState().load()
+        state = ProxyState(config).load()
     except ValueError as error:
         log.error("%s", error)
         return 2
@@ -5178,27 +5270,31 @@ def main(argv=None):
     if not state.api_key:
         log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
     try:
-        server = ProxyServer((HOST, PORT), ProxyHandler, state)
+        server = ProxyServer((config.HOST, config.PORT), ProxyHandler, state)
     except OSError as error:
-        log.error("Cannot listen on %s:%d: %s", HOST, PORT, error)
+        if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            log.error("Port %d on %s is already in use (another proxy still running?): stop that program, or "
+                      "start this one with another --port.", config.PORT, config.HOST)
+        else:
+            log.error("Cannot listen on %s:%d: %s", config.HOST, config.PORT, error)
         return 1
     stopping = threading.Event()
 
     def stop(signum, frame):
         if not stopping.is_set():
             stopping.set()
-            log.info("signal %d: finishing in-flight requests (up to %.0fs)", signum, SHUTDOWN_GRACE)
+            log.info("signal %d: finishing in-flight requests (up to %.0fs)", signum, config.SHUTDOWN_GRACE)
             threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     host, port = server.server_address[:2]
     log.info("deepseek-proxy %s listening on http://%s:%d/v1 -> %s (model %s, thinking %s); dashboard "
-             "http://%s:%d/; files in %s", __version__, url_host(host), port, DEEPSEEK_BASE, DEFAULT_MODEL,
-             THINKING_MODE, url_host(host), port, state.data_dir)
+             "http://%s:%d/; files in %s", __version__, url_host(host), port, config.DEEPSEEK_BASE, config.DEFAULT_MODEL,
+             config.THINKING_MODE, url_host(host), port, state.data_dir)
     print("LISTENING %s:%d" % (host, port), flush=True)
     server.serve_forever(poll_interval=0.2)
-    drain(server, SHUTDOWN_GRACE)
+    drain(server, config.SHUTDOWN_GRACE)
     state.close()
     log.info("stopped")
     return 0

@@ -111,10 +111,8 @@ def repeated_line_chars(messages, tools=None):
 def replay(session, settings):
     """Bill one session under one configuration; returns a dict of totals. The requests go through
     the proxy's own request core (prepare, then settle with the scripted answer), in this process."""
-    saved = proxy.configuration()
-    proxy.configure(settings)
     data_dir = tempfile.mkdtemp(prefix="bench-")
-    state = proxy.ProxyState(data_dir, api_key="bench", persist=False)
+    state = proxy.ProxyState(proxy.Config(**settings), data_dir, api_key="bench", persist=False)
     state.summarise = stand_in_summary
     del SUMMARY_COSTS[:]
     cache = CURRENT_CACHE[0] = PrefixCache()
@@ -149,11 +147,10 @@ def replay(session, settings):
             totals["largest"] = max(totals["largest"], prompt)
             totals["hit"] += hit
             totals["output"] += output
-            totals["cost_in"] += proxy.usage_cost(usage)
-            totals["cost_out"] += output * proxy.PRICE_OUTPUT / 1e6
+            totals["cost_in"] += proxy.usage_cost(usage, state.config)
+            totals["cost_out"] += output * state.config.PRICE_OUTPUT / 1e6
     finally:
         state.wait_idle()
-        proxy.configure(saved)
         shutil.rmtree(data_dir, ignore_errors=True)
     totals["summaries"] = len(SUMMARY_COSTS)
     totals["cost_in"] += sum(SUMMARY_COSTS)

@@ -65,26 +65,26 @@ class LogCapture(logging.Handler):
 
 
 class Proxy(ProxyClient):
-    """deepseek_proxy in this process: its configuration set from command-line flags, its own
-    state object, a server on a free port in a thread, and its log captured. stop() puts the
-    configuration back, so the next proxy starts from the defaults."""
+    """deepseek_proxy in this process: its configuration built from command-line flags (a value:
+    several proxies with different configurations can run at once), its own state object, a server
+    on a free port in a thread, and its log captured."""
 
     def __init__(self, upstream, data_dir, args=(), env=None, key=API_KEY):
         self.data_dir = data_dir
-        self.saved_config = dp.configuration()
         environment = {"DEEPSEEK_API_KEY": key or None, "PROXY_API_KEY": None, "DEEPSEEK_BASE_URL": None}
         environment.update(env or {})
         with patched_environ(environment):
-            dp.parse_args(["--upstream", upstream, "--data-dir", data_dir, "--port", "0"] + TEST_ARGS + list(args))
+            self.config, _ = dp.parse_args(["--upstream", upstream, "--data-dir", data_dir, "--port", "0"] +
+                                           TEST_ARGS + list(args))
         self.capture = LogCapture()
         self.capture.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         logger = logging.getLogger("deepseek_proxy")
         self.saved_logger = (logger.level, logger.propagate)
-        logger.setLevel(dp.LOG_LEVEL)
+        logger.setLevel(self.config.LOG_LEVEL)
         logger.propagate = False
         logger.addHandler(self.capture)
         with patched_environ(environment):
-            self.state = dp.ProxyState().load()
+            self.state = dp.ProxyState(self.config).load()
         self.server = dp.start_server(self.state, "127.0.0.1", 0, poll_interval=0.005)
         self.port = self.server.server_address[1]
         self.stopped = False
@@ -95,14 +95,13 @@ class Proxy(ProxyClient):
     def stop(self, timeout=10):
         if not self.stopped:
             self.stopped = True
-            dp.stop_server(self.server, dp.SHUTDOWN_GRACE)
+            dp.stop_server(self.server, self.config.SHUTDOWN_GRACE)
             self.state.wait_idle(timeout)
             self.state.close()
             logger = logging.getLogger("deepseek_proxy")
             logger.removeHandler(self.capture)
             logger.setLevel(self.saved_logger[0])
             logger.propagate = self.saved_logger[1]
-            dp.configure(self.saved_config)
         return 0
 
 

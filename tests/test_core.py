@@ -5,6 +5,7 @@ import json
 import unittest
 from unittest import mock
 
+from helpers import ProxyTestCase
 import deepseek_proxy as dp
 
 STATE = dp.ProxyState(persist=False, api_key="")
@@ -84,7 +85,7 @@ class StageContract(unittest.TestCase):
 
     def test_disabled_stages_do_not_run(self):
         calls = []
-        stage = dp.Stage("counted", lambda m, c: calls.append(1) or m, enabled=lambda: False,
+        stage = dp.Stage("counted", lambda m, c: calls.append(1) or m, enabled=lambda config: False,
                          answer=lambda c, a, u: calls.append(2))
         with mock.patch.object(dp, "PIPELINE", [stage]):
             prepared = prepare([{"role": "user", "content": "x"}])
@@ -185,3 +186,45 @@ class SeveralProxiesInOneProcess(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ConfigurationIsAValue(ProxyTestCase):
+    """Configuration is built once and handed to the state: two proxies with different
+    configurations serve side by side in one process, and no function reads a flag constant."""
+
+    def test_two_configurations_side_by_side(self):
+        plain = self.start_proxy(["--no-dedup-tool-outputs", "--no-near-duplicates", "--no-dedup-boilerplate"])
+        output = "the same long tool output line, again and again\n" * 20
+        body = {"model": "x", "messages": [
+            {"role": "user", "content": "go"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "run", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "a", "content": output},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "b", "type": "function", "function": {"name": "run", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "b", "content": output}]}
+        for _ in range(2):
+            for proxy in (self.proxy, plain):
+                self.assertEqual(proxy.chat(body)[0], 200)
+        sent = [request["messages"][4]["content"] for request in self.fake.requests]
+        self.assertEqual([text == output for text in sent], [False, True, False, True])
+        self.assertTrue(self.proxy.state.config.DEDUP_TOOL_OUTPUTS)
+        self.assertFalse(plain.state.config.DEDUP_TOOL_OUTPUTS)
+
+    def test_no_function_reads_a_flag_constant(self):
+        import ast
+        names = set(dp.config_help()) | {"BOILERPLATE_PATTERNS"}
+        with open(dp.__file__, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        skipped = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "Config":  # builds the value from the defaults
+                skipped.update(id(inner) for inner in ast.walk(node))
+        readers = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.Lambda)) and id(node) not in skipped:
+                for inner in (node.body if isinstance(node.body, list) else [node.body]):
+                    for name in ast.walk(inner):
+                        if isinstance(name, ast.Name) and name.id in names and isinstance(name.ctx, ast.Load):
+                            readers.append("%s line %d: %s" % (getattr(node, "name", "lambda"), name.lineno, name.id))
+        self.assertEqual(readers, [])

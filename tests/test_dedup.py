@@ -4,7 +4,6 @@ prefix-stability properties over generated conversations, and one pass through t
 import copy
 import random
 import unittest
-from unittest import mock
 
 from helpers import ProxyTestCase
 import deepseek_proxy as dp
@@ -15,10 +14,24 @@ BLOCK = "```python\n" + "\n".join("x_%d = compute(%d)" % (i, i) for i in range(3
 
 
 STATE = dp.ProxyState(persist=False, api_key="")
+CONFIGURED = [STATE]  # the state ctx() uses; configured() swaps in one with another configuration
+
+
+class configured:
+    """Within the block, ctx() gives contexts of a proxy built with these configuration values."""
+
+    def __init__(self, **values):
+        self.state = dp.ProxyState(dp.Config(**values), persist=False, api_key="")
+
+    def __enter__(self):
+        CONFIGURED.append(self.state)
+
+    def __exit__(self, *exc):
+        CONFIGURED.pop()
 
 
 def ctx(body=None):
-    return dp.RequestContext(body or {}, STATE)
+    return dp.RequestContext(body or {}, CONFIGURED[-1])
 
 
 def user(text):
@@ -72,13 +85,13 @@ class Boilerplate(unittest.TestCase):
     def test_fingerprint_history_is_bounded(self):
         blocks = ["<userMemory>memory %d</userMemory>" % i for i in range(5)]
         messages = [user(block) for block in blocks] + [user(blocks[0]), user(blocks[4])]
-        with mock.patch.object(dp, "MAX_FINGERPRINT_HISTORY", 3):
+        with configured(MAX_FINGERPRINT_HISTORY=3):
             out = dp.dedup_boilerplate(messages, ctx())
         self.assertEqual(out[5]["content"], blocks[0], "evicted: sent again")
         self.assertEqual(out[6]["content"], dp.PLACEHOLDER)
 
     def test_extra_tags_from_the_flag(self):
-        with mock.patch.dict(dp.BOILERPLATE_PATTERNS, {"rules": ("<rules>", "</rules>")}):
+        with configured(BOILERPLATE_PATTERNS=dict(dp.BOILERPLATE_PATTERNS, rules=("<rules>", "</rules>"))):
             out = dp.dedup_boilerplate([user("<rules>a</rules>"), user("<rules>a</rules> b")], ctx())
         self.assertEqual(out[1]["content"], "b")
 
@@ -86,13 +99,13 @@ class Boilerplate(unittest.TestCase):
         paragraph = "word " * 100
         messages = [user(paragraph + "\n\nfirst"), user(paragraph + "\n\nsecond")]
         self.assertEqual(dp.dedup_boilerplate(messages, ctx()), messages)
-        with mock.patch.object(dp, "MIN_SEGMENT_CHARS", 400):
+        with configured(MIN_SEGMENT_CHARS=400):
             out = dp.dedup_boilerplate(messages, ctx())
         self.assertEqual(out[1]["content"], "second")
 
     def test_off(self):
         messages = [user(REMINDER), user(REMINDER)]
-        with mock.patch.object(dp, "DEDUP_BOILERPLATE", False):
+        with configured(DEDUP_BOILERPLATE=False):
             self.assertEqual(dp.run_pipeline(messages, ctx()), messages)
 
 
@@ -129,7 +142,7 @@ class MarkdownBlocks(unittest.TestCase):
         self.assertEqual(out[2]["content"], "Again:\n~~~~ src/x.py\n[identical to the copy of this block above]\n~~~~")
 
     def test_latest_keeps_the_last_copy(self):
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "latest"):
+        with configured(MARKDOWN_DEDUP="latest"):
             out = dp.dedup_markdown_blocks(self.conversation(), ctx())
         self.assertIn("[identical to the copy of this block below]", out[0]["content"])
         self.assertEqual(out[2], self.conversation()[2])
@@ -137,7 +150,7 @@ class MarkdownBlocks(unittest.TestCase):
     def test_auto_keeps_the_latest_copy_within_the_uncached_tail(self):
         messages = [user("a"), {"role": "assistant", "content": "ok"}, user("one\n" + BLOCK),
                     user("two\n" + BLOCK)]
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "auto"):
+        with configured(MARKDOWN_DEDUP="auto"):
             out = dp.dedup_markdown_blocks(messages, ctx())
         self.assertIn("below", out[2]["content"])
         self.assertEqual(out[3], messages[3])
@@ -149,7 +162,7 @@ class MarkdownBlocks(unittest.TestCase):
         self.assertEqual(dp.find_fenced_blocks("``` inline ``` text"), [])
 
     def test_off(self):
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "off"):
+        with configured(MARKDOWN_DEDUP="off"):
             messages = self.conversation()
             self.assertIs(dp.dedup_markdown_blocks(messages, ctx()), messages)
 
@@ -205,19 +218,19 @@ class PrefixStability(unittest.TestCase):
         self.assert_prefix_stable(dp.dedup_tool_outputs, self.every_cut)
 
     def test_near_duplicates(self):
-        with mock.patch.object(dp, "MIN_NEAR_DUP_CHARS", 100):
+        with configured(MIN_NEAR_DUP_CHARS=100):
             self.assert_prefix_stable(dp.dedup_near_duplicates, self.every_cut)
 
     def test_markdown_first(self):
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "first"):
+        with configured(MARKDOWN_DEDUP="first"):
             self.assert_prefix_stable(dp.dedup_markdown_blocks, self.every_cut)
 
     def test_markdown_auto_at_request_boundaries(self):
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "auto"):
+        with configured(MARKDOWN_DEDUP="auto"):
             self.assert_prefix_stable(dp.dedup_markdown_blocks, self.request_cuts)
 
     def test_markdown_latest_rewrites_history(self):
-        with mock.patch.object(dp, "MARKDOWN_DEDUP", "latest"):
+        with configured(MARKDOWN_DEDUP="latest"):
             with self.assertRaises(AssertionError):
                 self.assert_prefix_stable(dp.dedup_markdown_blocks, self.every_cut)
 

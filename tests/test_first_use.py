@@ -56,10 +56,7 @@ class CommandLine(unittest.TestCase):
         self.assertIn("dashboard http://[::1]:%d/" % proxy.port, log)
 
     def test_files_go_beside_the_script_by_default(self):
-        saved = dp.configuration()
-        self.addCleanup(dp.configure, saved)
-        dp.configure({"DATA_DIR": ""})
-        self.assertEqual(dp.ProxyState(persist=False, api_key="").data_dir, dp.SCRIPT_DIR)
+        self.assertEqual(dp.ProxyState(dp.Config(DATA_DIR=""), persist=False, api_key="").data_dir, dp.SCRIPT_DIR)
 
     def test_explain_a_saved_request_without_a_key(self):
         path = os.path.join(tempfile.mkdtemp(), "request.json")
@@ -75,13 +72,13 @@ class CommandLine(unittest.TestCase):
                 {"role": "tool", "tool_call_id": "c2", "content": output}]}, handle)
         stdout = io.StringIO()
         with patched_environ({"DEEPSEEK_API_KEY": None}), contextlib.redirect_stdout(stdout):
-            self.assertEqual(dp.explain_file(path), 0)
+            self.assertEqual(dp.explain_file(path, dp.Config()), 0)
         result = json.loads(stdout.getvalue())
         stages = {stage["stage"]: stage for stage in result["stages"]}
         self.assertGreater(stages["dedup_tool_outputs"]["chars_removed"], 1000)
         self.assertIn("Same output as tool call c1", result["would_send"]["messages"][4]["content"])
         self.assertEqual(result["budget"]["decision"], "under the budget")
-        self.assertEqual(dp.explain_file(path + ".missing"), 2)
+        self.assertEqual(dp.explain_file(path + ".missing", dp.Config()), 2)
 
 
 class Routes(ProxyTestCase):
@@ -128,12 +125,10 @@ class Routes(ProxyTestCase):
 
 class Check(ProxyTestCase):
     def run_check(self, key):
-        saved = dp.configuration()
-        self.addCleanup(dp.configure, saved)
-        dp.configure({"DEEPSEEK_BASE": self.fake.url, "DATA_DIR": self.data_dir})
+        config = dp.Config(DEEPSEEK_BASE=self.fake.url, DATA_DIR=self.data_dir)
         stdout = io.StringIO()
         with patched_environ({"DEEPSEEK_API_KEY": key}), contextlib.redirect_stdout(stdout):
-            code = dp.run_check()
+            code = dp.run_check(config)
         return code, stdout.getvalue()
 
     def test_every_belief_holds_against_the_fake(self):

@@ -4,16 +4,29 @@ import random
 import re
 import time
 import unittest
-from unittest import mock
 
 from helpers import ProxyTestCase
 import deepseek_proxy as dp
 
 STATE = dp.ProxyState(persist=False, api_key="")
+CONFIGURED = [STATE]  # the state ctx() uses; configured() swaps in one with another configuration
+
+
+class configured:
+    """Within the block, ctx() gives contexts of a proxy built with these configuration values."""
+
+    def __init__(self, **values):
+        self.state = dp.ProxyState(dp.Config(**values), persist=False, api_key="")
+
+    def __enter__(self):
+        CONFIGURED.append(self.state)
+
+    def __exit__(self, *exc):
+        CONFIGURED.pop()
 
 
 def ctx():
-    return dp.RequestContext({}, STATE)
+    return dp.RequestContext({}, CONFIGURED[-1])
 
 
 def code(lines, seed=0, start=0):
@@ -115,7 +128,7 @@ class Deltas(unittest.TestCase):
         versions = [code(200)]
         for number in range(7):  # each version differs from the one before in 15 lines, drifting away
             versions.append(edit(versions[-1], range(number * 15, number * 15 + 15), seed=number))
-        with mock.patch.object(dp, "NEAR_DUP_MAX_CHAIN", 3):
+        with configured(NEAR_DUP_MAX_CHAIN=3):
             out = dp.dedup_near_duplicates(reads(*versions), ctx())
         sent = [out[2 + 2 * i]["content"] for i in range(len(versions))]
         rebuilt, depth = {}, {}

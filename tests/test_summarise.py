@@ -4,7 +4,6 @@ import json
 import os
 import time
 import unittest
-from unittest import mock
 
 from helpers import ProxyTestCase, run_in_threads
 import deepseek_proxy as dp
@@ -229,12 +228,10 @@ class Planning(unittest.TestCase):
     def test_tail_never_starts_on_a_tool_result(self):
         messages = self.conversation(20)
         sizes = [dp.message_tokens(m) for m in messages]
-        with mock.patch.object(dp, "MAX_CONTEXT", 2000):
-            for floor in range(2, 10):
-                start = dp.tail_start(messages, sizes, floor, 0.25)
-                self.assertNotEqual(messages[start]["role"], "tool")
-        with mock.patch.object(dp, "MAX_CONTEXT", 10):
-            self.assertEqual(messages[dp.tail_start(messages, sizes, 3, 0.25)]["role"], "assistant")
+        for floor in range(2, 10):
+            start = dp.tail_start(messages, sizes, floor, 0.25, max_context=2000)
+            self.assertNotEqual(messages[start]["role"], "tool")
+        self.assertEqual(messages[dp.tail_start(messages, sizes, 3, 0.25, max_context=10)]["role"], "assistant")
 
     def test_plan_apply_keeps_the_last_user_message_before_the_summary(self):
         messages = self.conversation(5)
