@@ -7,12 +7,16 @@ body is checked, rewritten by a fixed PIPELINE of stages, and forwarded to DeepS
 connections; streamed answers are relayed event by event as they arrive, and each stage's answer
 hook sees the answer before its last byte reaches the client.
 
-The pipeline (each stage is one section below, in this order; PIPELINE at their end is the diagram):
+The pipeline (each stage is one section below, in this order; PIPELINE at their end declares each
+stage: its hooks, flags, store, /stats figures and README line):
   normalise_messages      make the request valid for DeepSeek (developer role, unknown keys)
   restore_reasoning       give back the reasoning_content of earlier assistant turns, which
                           DeepSeek's thinking mode with tools demands and most clients drop
+  keep_ephemeral_blocks   keep a block a client resends after its history (Aider's chat files)
+                          where DeepSeek cached it, and send only its changes
   dedup_boilerplate       remove repeated XML-tagged boilerplate blocks ("F-1", SHA-256 fingerprints)
   dedup_tool_outputs      a tool result equal to an earlier one becomes a one-line reference
+  dedup_near_duplicates   a block mostly equal to an earlier one becomes an exact diff against it
   dedup_markdown_blocks   a fenced code block equal to an earlier one becomes a reference
   compress_system_prompt  send a DeepSeek-made summary of a long, recurring system prompt
   summarise_over_budget   replace older turns by a summary when the conversation passes the budget
@@ -22,7 +26,9 @@ history append-only. So every stage is a deterministic function of the history t
 what it produced for earlier messages: what was sent once is sent byte-identical again.
 
 All model parameters a client sends are ignored: the model, max_tokens and thinking mode come from the
-configuration block below (each constant is also a command-line flag, see --help).
+configuration block below. Each constant there is a default and a command-line flag (see --help);
+parse_args() builds one Config value from them, the environment and the flags, and everything after
+reads that value, never the constants.
 
 Security: the proxy spends the DeepSeek key (DEEPSEEK_API_KEY, else the file K.dat) for whoever can
 reach it. It listens on 127.0.0.1, refuses requests a web page could forge (foreign Host or Origin,
@@ -225,8 +231,16 @@ def config_sections():
 
 
 def config_help():
-    """{NAME: help} of every flag constant."""
-    return {name: text for _title, helps in config_sections() for name, text in helps.items()}
+    """{NAME: help} of every flag: the constants above, then the Flags stages declare themselves."""
+    helps = {name: text for _title, helps in config_sections() for name, text in helps.items()}
+    helps.update((name, flag.help) for name, flag in stage_flags().items())
+    return helps
+
+
+def stage_flags():
+    """{NAME: Flag} declared by the stages of PIPELINE (empty while the module is still loading)."""
+    return {flag.name: flag for stage in globals().get("PIPELINE", ()) for flag in stage.flags
+            if isinstance(flag, Flag)}
 
 
 class Config:
@@ -238,7 +252,7 @@ class Config:
     def __init__(self, **values):
         module = globals()
         for name in config_help():
-            value = module[name]
+            value = module[name] if name in module else stage_flags()[name].default
             setattr(self, name, list(value) if isinstance(value, list) else value)
         self.BOILERPLATE_PATTERNS = dict(BOILERPLATE_PATTERNS)
         for name, value in values.items():
@@ -284,7 +298,6 @@ def flag_name(name):
     return "--" + FLAG_NAMES.get(name, name.lower()).replace("_", "-")
 
 
-DEFAULT_CONFIG = Config()  # the defaults above, for pure helpers called without a proxy (benchmarks)
 
 
 def parse_args(argv=None, environ=None):
@@ -310,7 +323,9 @@ def parse_args(argv=None, environ=None):
                              "with tools, prefix cache, usage), print one line each, and exit")
     defaults = Config()
     env_defaults = {"DEEPSEEK_BASE": environ.get("DEEPSEEK_BASE_URL"), "PROXY_KEY": environ.get("PROXY_API_KEY")}
-    for title, names in config_sections():
+    sections = config_sections() + ([("Declared by stages", {name: flag.help for name, flag in stage_flags().items()})]
+                                    if stage_flags() else [])
+    for title, names in sections:
         group = parser.add_argument_group(title)
         for name, help_text in names.items():
             default = env_defaults.get(name) or getattr(defaults, name)
@@ -971,17 +986,27 @@ class UpstreamError(Exception):
         return error.get("message") if isinstance(error, dict) else str(self.body)
 
 
+def usage_figures(usage):
+    """DeepSeek's usage object read once, for every front and figure: prompt, cache hit and miss,
+    completion and reasoning tokens (0 where absent; miss derived when DeepSeek leaves it out)."""
+    usage = usage if isinstance(usage, dict) else {}
+    number = lambda value: value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0  # noqa: E731
+    prompt, hit = number(usage.get("prompt_tokens")), number(usage.get("prompt_cache_hit_tokens"))
+    miss = usage.get("prompt_cache_miss_tokens")
+    details = usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) else {}
+    return {"prompt": prompt, "hit": hit, "miss": number(miss) if miss is not None else max(0, prompt - hit),
+            "completion": number(usage.get("completion_tokens")), "reasoning": number(details.get("reasoning_tokens")),
+            "total": number(usage.get("total_tokens"))}
+
+
 def usage_cost(usage, config=None):
     """USD billed for one DeepSeek usage object, at the configuration's prices."""
     config = config or DEFAULT_CONFIG
     if not usage:
         return 0.0
-    hit = usage.get("prompt_cache_hit_tokens") or 0
-    miss = usage.get("prompt_cache_miss_tokens")
-    if miss is None:
-        miss = max(0, (usage.get("prompt_tokens") or 0) - hit)
-    return (hit * config.PRICE_INPUT_CACHE_HIT + miss * config.PRICE_INPUT_CACHE_MISS
-            + (usage.get("completion_tokens") or 0) * config.PRICE_OUTPUT) / 1e6
+    figures = usage_figures(usage)
+    return (figures["hit"] * config.PRICE_INPUT_CACHE_HIT + figures["miss"] * config.PRICE_INPUT_CACHE_MISS
+            + figures["completion"] * config.PRICE_OUTPUT) / 1e6
 
 
 def load_api_key(data_dir):
@@ -1396,10 +1421,32 @@ class AnswerCollector:
 # helpers; PIPELINE, after them, is the order of work.
 # =====================================================================================================
 
+class Flag:
+    """A configuration value a stage declares itself (a new stage's knobs live with it): NAME,
+    default, and the one-line help with its unit. It becomes --name like the constants above."""
+
+    def __init__(self, name, default, help_text):
+        self.name, self.default, self.help = name, default, help_text
+
+
 class Stage:
-    def __init__(self, name, request, enabled=None, answer=None, required=False):
+    """One pipeline stage, declared in one place: its name; request(messages, ctx) -> messages;
+    answer(ctx, answer, usage), run once the answer is whole; `switch`, the configuration value that
+    turns it on (or enabled(config)); `flags`, the configuration names it reads (constants above, or
+    Flag declarations of its own); `store(state)`, what it keeps across requests (state.stores[name]);
+    `stats(store)`, its /stats figures; `doc`, one line for the README; `required`: it makes the
+    request valid, so its failure fails the request (the others fail open)."""
+
+    def __init__(self, name, request, answer=None, switch=None, enabled=None, flags=(), store=None, stats=None,
+                 doc="", off=None, required=False):
         self.name, self.request, self.answer, self.required = name, request, answer, required
-        self.enabled = enabled or (lambda config: True)
+        self.switch, self.flags, self.store, self.stats, self.doc = switch, tuple(flags), store, stats, doc
+        self.enabled = enabled or ((lambda config: bool(getattr(config, switch))) if switch else (lambda config: True))
+        self.off = off or ("`%s`" % ("--no-" + flag_name(switch)[2:]) if switch else "(required)")
+
+    def flag_names(self):
+        return [flag.name if isinstance(flag, Flag) else flag for flag in self.flags] + \
+            ([self.switch] if self.switch else [])
 
 
 class RequestContext:
@@ -1775,7 +1822,7 @@ def files_delta(anchor, current, first_line):
 
 def remember_ephemeral(ctx, key, block):
     """Remember a block once DeepSeek has accepted the request (a rejected one costs no memory)."""
-    ctx.keep(lambda: ctx.state.ephemeral.put(key, block, 2 * block.size))
+    ctx.keep(lambda: ctx.state.stores["keep_ephemeral_blocks"].put(key, block, 2 * block.size))
 
 
 def keep_ephemeral_blocks(messages, ctx):
@@ -1803,7 +1850,7 @@ def keep_ephemeral_blocks(messages, ctx):
     chain = history_chain(messages[:-3], ctx.memo, exact=True)
     record, position = None, count - 3
     for position in range(count - 3, 0, -1):
-        record = ctx.state.ephemeral.get(chain[position])
+        record = ctx.state.stores["keep_ephemeral_blocks"].get(chain[position])
         if record is not None:
             break
     if record is None or position == count - 3:
@@ -2188,6 +2235,28 @@ def line_delta(old, new):
     return "\n".join(out)
 
 
+class NearDuplicateMemory:
+    """What the near-duplicate stage keeps across requests (state.stores["dedup_near_duplicates"]):
+    scans to resume, by the exact history they cover, and computed diffs by the SHA-256 of the pair,
+    both bounded in characters."""
+
+    def __init__(self, config):
+        self.scans = Handover(64, config.SCAN_MEMORY_CHARS)
+        self.deltas = LRU(4096, config.DELTA_MEMORY_CHARS)
+
+    def line_delta(self, old, new, store=True):
+        """line_delta(), remembered (large ones too, within DELTA_MEMORY_CHARS): a conversation's
+        next request diffs the same pairs again."""
+        key = hashlib.sha256("\n".join(old).encode("utf-8", "surrogatepass") + b"\x00" +
+                             "\n".join(new).encode("utf-8", "surrogatepass")).digest()
+        delta = self.deltas.get(key)
+        if delta is None:
+            delta = line_delta(old, new)
+            if store:
+                self.deltas.put(key, delta, len(delta) + 100)
+        return delta
+
+
 class NearDuplicateScan:
     """The near-duplicate stage's pass over one request, message by message. What it has seen (the
     block index, call names, its output so far, the anchors and savings it recorded) is kept per
@@ -2258,7 +2327,8 @@ class NearDuplicateScan:
                 note = NEAR_DUP_NOTE % where
                 if numbering:
                     note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
-                delta = note + "\n" + ctx.state.line_delta(old, lines, store=not ctx.explain)
+                delta = note + "\n" + ctx.state.stores["dedup_near_duplicates"].line_delta(
+                    old, lines, store=not ctx.explain)
                 if len(delta) <= ctx.config.NEAR_DUP_MAX_RATIO * len(text):
                     sent, depth = delta, old_depth + 1
                     self.anchors.append((position, old_position))
@@ -2284,7 +2354,7 @@ def dedup_near_duplicates(messages, ctx):
     chain = history_chain(messages, ctx.memo, exact=True)
     scan, start = None, 0
     for start in range(len(messages), 0, -1) if not ctx.explain else ():
-        scan = ctx.state.scans.take(chain[start])
+        scan = ctx.state.stores["dedup_near_duplicates"].scans.take(chain[start])
         if scan is not None:
             break
     if scan is None:
@@ -2295,7 +2365,7 @@ def dedup_near_duplicates(messages, ctx):
         ctx.saved["dedup_near_duplicates"] += scan.saved
     result = scan.output(messages) + [scan.feed(message, ctx) for message in messages[start:]]
     key = chain[len(messages)]
-    ctx.keep(lambda: ctx.state.scans.put(key, scan, scan.size))
+    ctx.keep(lambda: ctx.state.stores["dedup_near_duplicates"].scans.put(key, scan, scan.size))
     return result
 
 
@@ -2806,16 +2876,53 @@ def observe_prompt_tokens(ctx, answer, usage):
 # -- The pipeline: the order of work --------------------------------------------------------------------
 
 PIPELINE = [
-    Stage("normalise_messages", normalise_messages, required=True),
-    Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True),
-    Stage("keep_ephemeral_blocks", keep_ephemeral_blocks, enabled=lambda config: config.KEEP_EPHEMERAL),
-    Stage("dedup_boilerplate", dedup_boilerplate, enabled=lambda config: config.DEDUP_BOILERPLATE),
-    Stage("dedup_tool_outputs", dedup_tool_outputs, enabled=lambda config: config.DEDUP_TOOL_OUTPUTS),
-    Stage("dedup_near_duplicates", dedup_near_duplicates, enabled=lambda config: config.NEAR_DUPLICATES),
-    Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda config: config.MARKDOWN_DEDUP != "off"),
-    Stage("compress_system_prompt", compress_system_prompt, enabled=lambda config: config.COMPRESS_SYSTEM),
-    Stage("summarise_over_budget", summarise_over_budget, enabled=lambda config: config.SUMMARISE, answer=observe_prompt_tokens),
+    Stage("normalise_messages", normalise_messages, required=True,
+          doc="role `developer` -> `system`, drops keys DeepSeek rejects (`copilot_cache_control`, `cache_control`, "
+              "...), tool-call arguments as strings"),
+    Stage("restore_reasoning", restore_reasoning, answer=remember_reasoning, required=True,
+          flags=("THINKING_MODE", "MAX_CACHE_SIZE", "MAX_CACHE_BYTES", "PERSIST_REASONING"),
+          off="`--thinking-mode disabled`",
+          doc="gives earlier assistant turns their `reasoning_content` back when thinking is on and the request has "
+              "tools; unknown reasoning becomes `\"\"`"),
+    Stage("keep_ephemeral_blocks", keep_ephemeral_blocks, switch="KEEP_EPHEMERAL",
+          flags=("EPHEMERAL_REANCHOR", "EPHEMERAL_MEMORY", "EPHEMERAL_MEMORY_CHARS"),
+          store=lambda state: LRU(state.config.EPHEMERAL_MEMORY, state.config.EPHEMERAL_MEMORY_CHARS),
+          stats=lambda store: {"ephemeral_blocks": len(store)},
+          doc="a context block a client resends after its history without keeping it (Aider's chat files) stays "
+              "byte-identical where it was first sent, and only its changes go where the client put it (below)"),
+    Stage("dedup_boilerplate", dedup_boilerplate, switch="DEDUP_BOILERPLATE",
+          flags=("MAX_FINGERPRINT_HISTORY", "MIN_SEGMENT_CHARS"),
+          doc="XML-tagged boilerplate blocks already sent in the conversation (`<environment_info>`, "
+              "`<reminderInstructions>`, `<environment_details>`, ...; \"F-1\") are removed; a block that changed in a "
+              "few lines keeps only those"),
+    Stage("dedup_tool_outputs", dedup_tool_outputs, switch="DEDUP_TOOL_OUTPUTS", flags=("MIN_TOOL_OUTPUT_CHARS",),
+          doc="a tool result equal to an earlier one becomes `[Same output as tool call call_1 (read_file) above, "
+              "unchanged.]`"),
+    Stage("dedup_near_duplicates", dedup_near_duplicates, switch="NEAR_DUPLICATES",
+          flags=("MIN_NEAR_DUP_CHARS", "NEAR_DUP_MAX_RATIO", "NEAR_DUP_MAX_CHAIN", "NEAR_DUP_MAX_CHARS",
+                 "SCAN_MEMORY_CHARS", "DELTA_MEMORY_CHARS"),
+          store=lambda state: NearDuplicateMemory(state.config),
+          stats=lambda store: {"near_duplicate_scans": len(store.scans), "near_duplicate_diffs": len(store.deltas)},
+          doc="a tool result or a fenced block in a user message that mostly repeats an earlier one (a file re-read "
+              "after an edit, an overlapping range, a re-run test) becomes a delta against it, from which the exact "
+              "text can be rebuilt (below)"),
+    Stage("dedup_markdown_blocks", dedup_markdown_blocks, enabled=lambda config: config.MARKDOWN_DEDUP != "off",
+          flags=("MARKDOWN_DEDUP", "MIN_BLOCK_CHARS"), off="`--markdown-dedup off`",
+          doc="a fenced code block equal to an earlier one becomes a reference to it (`first`; the seed's `latest` "
+              "and `auto` are available)"),
+    Stage("compress_system_prompt", compress_system_prompt, switch="COMPRESS_SYSTEM",
+          flags=("SYSTEM_MIN_CHARS", "SYSTEM_MIN_SEEN", "SYSTEM_MAX_RATIO", "SYSTEM_WAIT", "SYSTEM_SUMMARY_MAX_TOKENS",
+                 "MAX_SYSTEM_PROMPTS", "SYSTEM_SUMMARIES_PER_HOUR"),
+          doc="a long system prompt seen twice is summarised once through DeepSeek (original in `pre_sys/`, summary "
+              "in `post_sys/`, edit it by hand to tune it) and the summary is sent"),
+    Stage("summarise_over_budget", summarise_over_budget, answer=observe_prompt_tokens, switch="SUMMARISE",
+          flags=("MAX_CONTEXT", "SUMMARY_RATIO", "SUMMARY_WATERMARK", "TAIL_RATIO", "SUMMARY_MODEL",
+                 "SUMMARY_MAX_TOKENS", "SUMMARY_CACHE_SIZE", "PERSIST_SUMMARIES"),
+          doc="past 80% of `--max-context` (128K) tokens, older turns are replaced by a summary, keeping the system "
+              "prompt, first and last user messages and recent turns; prepared in the background from 70%"),
 ]
+
+DEFAULT_CONFIG = Config()  # the defaults, for pure helpers called without a proxy (benchmarks)
 
 
 # =====================================================================================================
@@ -3104,7 +3211,7 @@ def response_headers(ctx, usage=None):
                "X-Proxy-Tokens-In": str(ctx.tokens_in), "X-Proxy-Tokens-Out": str(ctx.tokens_out),
                "X-Proxy-Reasoning-Restored": "%d/%d" % (ctx.reasoning_restored, ctx.reasoning_filled)}
     if usage:
-        headers["X-Proxy-Cache-Hit-Tokens"] = str(usage.get("prompt_cache_hit_tokens", 0))
+        headers["X-Proxy-Cache-Hit-Tokens"] = str(usage_figures(usage)["hit"])
         headers["X-Proxy-Cost-USD"] = "%.6f" % usage_cost(usage, ctx.config)
     if ctx.notes:
         headers["X-Proxy-Notes"] = "; ".join(ctx.notes)[:500]
@@ -3520,10 +3627,9 @@ class AnthropicExchange(Exchange):
         self.calls = {}  # DeepSeek tool-call index -> our block index
 
     def usage(self, usage):
-        usage = usage or {}
-        hit = usage.get("prompt_cache_hit_tokens") or 0
-        return {"input_tokens": max(0, (usage.get("prompt_tokens") or 0) - hit), "cache_read_input_tokens": hit,
-                "cache_creation_input_tokens": 0, "output_tokens": usage.get("completion_tokens") or 0}
+        figures = usage_figures(usage)
+        return {"input_tokens": figures["miss"], "cache_read_input_tokens": figures["hit"],
+                "cache_creation_input_tokens": 0, "output_tokens": figures["completion"]}
 
     def answer(self, raw, answer, collector):
         message = collector.message()
@@ -3833,10 +3939,13 @@ class ResponsesExchange(Exchange):
                 self.chat_body["tool_choice"] = {"type": "function", "function": {
                     "name": self.tools.flat(choice["name"], choice.get("namespace"))}}
         text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-        if isinstance(text_format, dict) and text_format.get("type") in ("json_object", "json_schema"):
+        if isinstance(text_format, dict) and text_format.get("type") == "json_object":
             self.chat_body["response_format"] = {"type": "json_object"}
-            if text_format["type"] == "json_schema":
-                self.notes.append("json_schema sent as json_object")
+        elif isinstance(text_format, dict) and text_format.get("type") == "json_schema":
+            # the core states the schema in a system message for every front (json_schema_as_json_object)
+            self.chat_body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": str(text_format.get("name") or "answer"),
+                "schema": text_format.get("schema") if isinstance(text_format.get("schema"), dict) else {}}}
         self.id = "resp_" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.sequence = itertools.count()
@@ -3882,13 +3991,11 @@ class ResponsesExchange(Exchange):
         if status == "incomplete":
             result["incomplete_details"] = {"reason": "max_output_tokens"}
         if usage:
+            figures = usage_figures(usage)
             result["usage"] = {
-                "input_tokens": usage.get("prompt_tokens") or 0,
-                "input_tokens_details": {"cached_tokens": usage.get("prompt_cache_hit_tokens") or 0},
-                "output_tokens": usage.get("completion_tokens") or 0,
-                "output_tokens_details": {"reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
-                    "reasoning_tokens") or 0},
-                "total_tokens": usage.get("total_tokens") or 0}
+                "input_tokens": figures["prompt"], "input_tokens_details": {"cached_tokens": figures["hit"]},
+                "output_tokens": figures["completion"], "output_tokens_details": {"reasoning_tokens": figures["reasoning"]},
+                "total_tokens": figures["total"] or figures["prompt"] + figures["completion"]}
         return result
 
     def status(self, collector):
@@ -4117,15 +4224,10 @@ class Stats:
     def usage_values(usage, config, prefix=""):
         if not usage:
             return {prefix + "unmeasured_calls": 1}
-        hit = usage.get("prompt_cache_hit_tokens") or 0
-        prompt = usage.get("prompt_tokens") or 0
-        miss = usage.get("prompt_cache_miss_tokens")
-        return {prefix + "upstream_prompt_tokens": prompt, prefix + "cache_hit_tokens": hit,
-                prefix + "cache_miss_tokens": max(0, prompt - hit) if miss is None else miss,
-                prefix + "completion_tokens": usage.get("completion_tokens") or 0,
-                prefix + "reasoning_tokens": (usage.get("completion_tokens_details") or {}).get(
-                    "reasoning_tokens") or 0,
-                prefix + "cost_usd": usage_cost(usage, config)}
+        figures = usage_figures(usage)
+        return {prefix + "upstream_prompt_tokens": figures["prompt"], prefix + "cache_hit_tokens": figures["hit"],
+                prefix + "cache_miss_tokens": figures["miss"], prefix + "completion_tokens": figures["completion"],
+                prefix + "reasoning_tokens": figures["reasoning"], prefix + "cost_usd": usage_cost(usage, config)}
 
     def record_request(self, ctx, outcome, entry=None):
         saved = sum(ctx.saved.values())
@@ -4197,8 +4299,9 @@ class Stats:
                             "unmeasured": t["summary_unmeasured_calls"]},
             "reasoning": {"restored": t["reasoning_restored"], "filled_empty": t["reasoning_filled_empty"],
                           "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
-            "caches": {"summaries": len(state.summaries.entries), "responses": len(state.responses.items),
-                       "ephemeral_blocks": len(state.ephemeral)},
+            "caches": dict({"summaries": len(state.summaries.entries), "responses": len(state.responses.items)},
+                           **{key: value for stage in PIPELINE if stage.stats and stage.name in state.stores
+                              for key, value in stage.stats(state.stores[stage.name]).items()}),
             "prices_usd_per_million": {"input_cache_hit": self.config.PRICE_INPUT_CACHE_HIT,
                                        "input_cache_miss": self.config.PRICE_INPUT_CACHE_MISS, "output": self.config.PRICE_OUTPUT},
             "per_minute": [{"minute": minute, "requests": values.get("requests", 0),
@@ -5028,12 +5131,10 @@ class ProxyState:
         self.stats_path = path("stats.json", config.PERSIST_STATS)
         self.dumps = MessageDumps(self.data_dir, self.warn, config)
         self.responses = ResponseStore(config.RESPONSES_STORE_SIZE, config.MAX_RESPONSES_BYTES)
-        self.deltas = LRU(4096, config.DELTA_MEMORY_CHARS)  # near-duplicate diffs by SHA-256 of the pair of texts
-        self.ephemeral = LRU(config.EPHEMERAL_MEMORY, config.EPHEMERAL_MEMORY_CHARS)  # ephemeral blocks by the history before them
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
         self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
-        self.scans = Handover(64, config.SCAN_MEMORY_CHARS)  # near-duplicate scans to resume, by the history they cover
+        self.stores = {stage.name: stage.store(self) for stage in PIPELINE if stage.store}  # what stages keep
 
     def message_json(self, message):
         """json.dumps of one upstream message (byte-identical), its text content's JSON string taken
@@ -5041,18 +5142,6 @@ class ProxyState:
         return "{" + ", ".join(to_json(key) + ": " + (
             self.memo(json_string, value) if key == "content" and isinstance(value, str) else to_json(value))
             for key, value in message.items()) + "}"
-
-    def line_delta(self, old, new, store=True):
-        """line_delta(), remembered (large ones too, within DELTA_MEMORY_CHARS): a conversation's
-        next request diffs the same pairs again."""
-        key = hashlib.sha256("\n".join(old).encode("utf-8", "surrogatepass") + b"\x00" +
-                             "\n".join(new).encode("utf-8", "surrogatepass")).digest()
-        delta = self.deltas.get(key)
-        if delta is None:
-            delta = line_delta(old, new)
-            if store:
-                self.deltas.put(key, delta, len(delta) + 100)
-        return delta
 
     def summarise(self, messages, max_tokens, tools=None, thinking=False):
         """The proxy's own paid call, within --proxy-calls-per-hour (ValueError beyond it: the caller

@@ -61,20 +61,20 @@ class MemoryOfRequestsThatCostNothing(ProxyTestCase):
         for _ in range(5):
             self.fake.failures.append(("status", 400, {"error": {"message": "no", "type": "invalid_request_error"}}))
             self.assertEqual(self.proxy.chat(self.big_conversation())[0], 400)
-        self.assertEqual((len(state.scans), len(state.ephemeral)), (0, 0))
+        self.assertEqual((len(state.stores['dedup_near_duplicates'].scans), len(state.stores['keep_ephemeral_blocks'])), (0, 0))
         self.assertEqual(self.proxy.chat(self.big_conversation())[0], 200)
-        self.assertEqual(len(state.scans), 1, "an accepted request keeps its scan for the next one")
+        self.assertEqual(len(state.stores['dedup_near_duplicates'].scans), 1, "an accepted request keeps its scan for the next one")
 
     def test_explain_changes_no_memory(self):
         state = self.proxy.state
-        before = (sum(len(table) for table in state.memo.tables.values()), len(state.scans), len(state.deltas),
-                  len(state.ephemeral), state.memo.chars)
+        before = (sum(len(table) for table in state.memo.tables.values()), len(state.stores['dedup_near_duplicates'].scans), len(state.stores['dedup_near_duplicates'].deltas),
+                  len(state.stores['keep_ephemeral_blocks']), state.memo.chars)
         status, _, report = self.proxy.chat(self.big_conversation(), path="/v1/proxy/explain")
         self.assertEqual(status, 200)
         stage = [entry for entry in report["stages"] if entry["stage"] == "dedup_near_duplicates"][0]
         self.assertGreater(stage["chars_removed"], 0, "the near-duplicate stage did its work")
-        after = (sum(len(table) for table in state.memo.tables.values()), len(state.scans), len(state.deltas),
-                 len(state.ephemeral), state.memo.chars)
+        after = (sum(len(table) for table in state.memo.tables.values()), len(state.stores['dedup_near_duplicates'].scans), len(state.stores['dedup_near_duplicates'].deltas),
+                 len(state.stores['keep_ephemeral_blocks']), state.memo.chars)
         self.assertEqual(before, after)
 
     def test_stores_are_bounded_in_characters(self):
@@ -221,11 +221,11 @@ class QuadraticDiff(ProxyTestCase):
                 messages += [{"role": "assistant", "content": None, "tool_calls": [
                     {"id": "c%d" % number, "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
                     {"role": "tool", "tool_call_id": "c%d" % number, "content": text}]
-            diffs = len(state.deltas)
+            diffs = len(state.stores['dedup_near_duplicates'].deltas)
             started = time.monotonic()
             dp.prepare({"model": "x", "messages": messages}, state)
             self.assertLess(time.monotonic() - started, 1.0, name)
-            self.assertEqual(len(state.deltas), diffs + 1, "the pair was diffed: " + name)
+            self.assertEqual(len(state.stores['dedup_near_duplicates'].deltas), diffs + 1, "the pair was diffed: " + name)
 
     def test_every_diff_rebuilds_exactly(self):
         import random

@@ -244,6 +244,35 @@ class Documentation(unittest.TestCase):
             self.assertTrue("`" + flag + "`" in readme, "%s (%s) is not in README.md" % (flag, name))
         self.assertIn("python -m unittest discover -s tests -v", readme)
 
+    def test_readme_tables_are_the_codes(self):
+        import os
+        import subprocess
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, os.path.join(root, "bench", "docs.py"), "--check"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_every_stage_declares_its_flags_docs_and_stats(self):
+        import os
+        import deepseek_proxy
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as handle:
+            readme = handle.read()
+        config = deepseek_proxy.Config()
+        state = deepseek_proxy.ProxyState(config, persist=False, api_key="")
+        caches = state.stats.snapshot(state)["caches"]
+        for stage in deepseek_proxy.PIPELINE:
+            self.assertTrue(stage.doc, stage.name)
+            self.assertIn("| `%s` |" % stage.name, readme)
+            for name in stage.flag_names():
+                self.assertTrue(hasattr(config, name), "%s: %s" % (stage.name, name))
+                self.assertIn("`%s`" % deepseek_proxy.flag_name(name), readme, "%s: %s" % (stage.name, name))
+            if stage.store:
+                self.assertIn(stage.name, state.stores)
+            if stage.stats:
+                for key in stage.stats(state.stores.get(stage.name)):
+                    self.assertIn(key, caches, stage.name)
+
     def test_the_repository_stands_on_its_own(self):
         import os
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
