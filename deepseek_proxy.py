@@ -151,7 +151,7 @@ RESPONSES_STORE_SIZE = 200  # responses kept for previous_response_id (store: tr
 MAX_RESPONSES_BYTES = 64 * 1024 * 1024  # bytes of stored responses, all together
 
 # -- Files (under DATA_DIR: pre_sys/ post_sys/ pre_msg/ post_msg/)
-DATA_DIR = ""  # folder of the proxy's files and caches; empty: the folder deepseek_proxy.py is in
+DATA_DIR = ""  # folder of the proxy's files and caches; empty: beside deepseek_proxy.py (trial/ there for a local --upstream)
 SAVE_PREPOST_MSGS = False  # dump each request as received (pre_msg/) and as sent upstream (post_msg/)
 SAVE_PREPOST_SYSTEM = True  # keep original system prompts in pre_sys/ beside their summaries
 MAX_DUMP_FILES = 1000  # message dumps kept per folder; the oldest are removed
@@ -498,7 +498,14 @@ def atomic_write(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        for attempt in range(3):
+            try:
+                os.replace(tmp, path)
+                break
+            except PermissionError:  # Windows: another program (a viewer, a virus scanner) holds it open
+                if attempt == 2:
+                    raise
+                time.sleep(0.05)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -1009,17 +1016,58 @@ def usage_cost(usage, config=None):
             + figures["completion"] * config.PRICE_OUTPUT) / 1e6
 
 
+def default_data_dir(config):
+    """The folder beside the script; for an upstream on this machine (the fake DeepSeek of a trial),
+    its subfolder trial/, so a trial's requests, spend and caches never mix into real use."""
+    host = urllib.parse.urlsplit(config.DEEPSEEK_BASE).hostname or ""
+    return os.path.join(SCRIPT_DIR, "trial") if is_loopback(host) else SCRIPT_DIR
+
+
+def key_files(data_dir):
+    """Where K.dat is looked for, in order: the data folder, the folder the proxy was started from,
+    the folder of the script (each once)."""
+    folders = []
+    for folder in (data_dir, os.getcwd(), SCRIPT_DIR):
+        folder = os.path.abspath(folder)
+        if folder not in folders:
+            folders.append(folder)
+    return [os.path.join(folder, "K.dat") for folder in folders]
+
+
+def read_key_file(path):
+    """The key in a K.dat: the first line that is neither empty nor a comment, whatever the editor
+    saved (UTF-8 with or without a byte-order mark, UTF-16 as PowerShell 5 writes it, CRLF,
+    surrounding spaces). None when the file is missing; ValueError (naming the file) when what it
+    holds cannot be a key."""
+    try:
+        data = read_bytes(path, own=False)
+    except OSError:
+        return None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = data.decode("utf-16", "replace")
+    else:
+        text = data.decode("utf-8-sig", "replace")
+    for line in text.replace("\r", "\n").split("\n"):
+        line = line.strip().strip("\ufeff")
+        if line and not line.startswith("#"):
+            if not re.fullmatch(r"[\x21-\x7e]{8,512}", line):
+                raise ValueError("%s: the first line that is not a comment does not look like an API key (it must be "
+                                 "one word of printable ASCII, like sk-...); fix the file or set DEEPSEEK_API_KEY" % path)
+            return line
+    return None
+
+
 def load_api_key(data_dir):
-    """DEEPSEEK_API_KEY, else the first non-empty, non-comment line of K.dat (data dir, then script dir)."""
+    """DEEPSEEK_API_KEY, else the key in the first K.dat found (key_files); "" when there is none.
+    Logs which file was read, never the key."""
     key = os.environ.get("DEEPSEEK_API_KEY", "").strip()
     if key:
         return key
-    for folder in (data_dir, SCRIPT_DIR):
-        text = read_text(os.path.join(folder, "K.dat"), own=False)
-        for line in (text or "").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                return line
+    for path in key_files(data_dir):
+        key = read_key_file(path)
+        if key:
+            log.info("DeepSeek key read from %s", path)
+            return key
     return ""
 
 
@@ -1127,6 +1175,7 @@ class UpstreamPool:
         self.path = parts.path.rstrip("/")
         self.size = size
         self.idle = collections.deque()  # (connection, monotonic time it went idle)
+        self.busy = {}  # connection an answer is being read from -> its socket (the response keeps it)
         self.opened = 0  # connections made so far (tests and benchmarks read it)
         self._lock = threading.Lock()
 
@@ -1157,6 +1206,7 @@ class UpstreamPool:
 
     def release(self, connection, reusable):
         with self._lock:
+            self.busy.pop(connection, None)
             if reusable and connection.sock is not None and len(self.idle) < self.size:
                 self.idle.append((connection, time.monotonic()))
                 return
@@ -1169,16 +1219,35 @@ class UpstreamPool:
         while True:
             try:
                 connection.request("POST", self.path + path, body=data, headers=headers)
+                with self._lock:
+                    self.busy[connection] = connection.sock
                 return connection, connection.getresponse()
             except (http.client.RemoteDisconnected, http.client.BadStatusLine, BrokenPipeError,
                     ConnectionResetError, ConnectionAbortedError):
-                connection.close()
+                self._forget(connection)
                 if not reused:
                     raise
                 connection, reused = self._connect(timeout), False
             except BaseException:
-                connection.close()
+                self._forget(connection)
                 raise
+
+    def _forget(self, connection):
+        with self._lock:
+            self.busy.pop(connection, None)
+        connection.close()
+
+    def abort(self):
+        """Cut every answer being read (shutdown): their readers fail at once and answer their
+        clients with an error instead of leaving them a closed connection."""
+        with self._lock:
+            sockets, self.busy = list(self.busy.values()), {}
+        for sock in sockets:
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self):
         with self._lock:
@@ -1306,6 +1375,9 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
         except (OSError, http.client.HTTPException) as error:
             failure = UpstreamError(502, error_body("Cannot reach DeepSeek at %s%s: %s" % (
                 state.config.DEEPSEEK_BASE, retry_note, error or type(error).__name__), "upstream_unreachable"))
+        if state.shutting_down:
+            raise UpstreamError(503, error_body("The proxy is shutting down; retry shortly.", "server_error",
+                                                "shutting_down"), retry_after=1)
         if attempt < retries:
             delay = base_sleep * (2 ** attempt)
             if failure.retry_after is not None:
@@ -3205,10 +3277,10 @@ class Writer:
 
 
 def response_headers(ctx, usage=None):
-    """The X-Proxy-* headers of an answer: what the proxy did, and DeepSeek's figures when known.
-    X-Proxy-Tokens-Out is the *estimated* prompt after the pipeline (X-Proxy-Tokens-Sent-Estimate)."""
+    """The X-Proxy-* headers of an answer: what the proxy did (estimated prompt tokens as the client
+    sent them and as sent upstream), and DeepSeek's own figures when known."""
     headers = {"X-Proxy-Request-Id": ctx.request_id,
-               "X-Proxy-Tokens-In": str(ctx.tokens_in), "X-Proxy-Tokens-Out": str(ctx.tokens_out),
+               "X-Proxy-Tokens-In-Estimate": str(ctx.tokens_in), "X-Proxy-Tokens-Sent-Estimate": str(ctx.tokens_out),
                "X-Proxy-Reasoning-Restored": "%d/%d" % (ctx.reasoning_restored, ctx.reasoning_filled)}
     if usage:
         headers["X-Proxy-Cache-Hit-Tokens"] = str(usage_figures(usage)["hit"])
@@ -3257,6 +3329,9 @@ def relay_whole(response, prepared, collector, exchange, writer):
             raw = response.read(config.MAX_UPSTREAM_EVENT_BYTES)
         answer = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError, http.client.HTTPException) as error:
+        if prepared.ctx.state.shutting_down:
+            raise UpstreamError(503, error_body("The proxy is shutting down; retry shortly.", "server_error",
+                                                "shutting_down"), retry_after=1)
         raise UpstreamError(502, error_body("DeepSeek's answer could not be read: %s" % error, "upstream_error"))
     if leaks_key(raw, answer, api_key):
         log.warning("[%s] DeepSeek's answer contained the proxy's key; redacted", prepared.ctx.request_id)
@@ -3284,7 +3359,8 @@ def relay_stream(response, prepared, collector, exchange, writer):
                 try:
                     line = response.readline(config.MAX_UPSTREAM_EVENT_BYTES + 1)
                 except (OSError, ValueError, http.client.HTTPException) as error:
-                    end_stream_with_error(prepared, collector, exchange, writer, "DeepSeek's stream broke off: %s" % error)
+                    end_stream_with_error(prepared, collector, exchange, writer, "the proxy is shutting down"
+                                          if prepared.ctx.state.shutting_down else "DeepSeek's stream broke off: %s" % error)
                     break
                 size += len(line)
                 total += len(line)
@@ -3300,7 +3376,8 @@ def relay_stream(response, prepared, collector, exchange, writer):
                     if block:  # the last event lacked its blank line
                         relay_event(prepared, collector, exchange, writer, b"".join(block) + b"\n")
                     if not collector.complete:
-                        end_stream_with_error(prepared, collector, exchange, writer,
+                        end_stream_with_error(prepared, collector, exchange, writer, "the proxy is shutting down"
+                                              if prepared.ctx.state.shutting_down else
                                               "DeepSeek closed the stream before its end.")
                     break
                 if line.strip():
@@ -5010,67 +5087,84 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application
                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
 
 
+class Limits:
+    """The counts one proxy keeps across its listening sockets (127.0.0.1 and ::1 share them):
+    connections open, the idle ones among them (oldest first), requests being answered, and the
+    bytes of request bodies held."""
+
+    def __init__(self):
+        self.in_flight = 0
+        self.connections = 0
+        self.body_bytes = 0
+        self.idle = collections.OrderedDict()  # connections with no request under way, oldest first
+        self.lock = threading.Lock()
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
     """One daemon thread per connection, at most MAX_CONNECTIONS of them (more are answered 503 at
     once); counts requests being answered (not idle keep-alives) so that shutdown can wait for them,
-    and the bytes of request bodies held, up to MAX_BODY_BYTES_IN_FLIGHT."""
+    and the bytes of request bodies held, up to MAX_BODY_BYTES_IN_FLIGHT. Servers of one proxy on
+    several addresses share one Limits."""
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128  # agents open many connections at once; the default 5 resets them
 
-    def __init__(self, address, handler, state):
+    def __init__(self, address, handler, state, limits=None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.state = state
         self.config = state.config
         self.deadlines = Deadlines(state.config)
-        self.in_flight = 0
-        self.connections = 0
-        self.body_bytes = 0
-        self.idle = collections.OrderedDict()  # connections with no request under way, oldest first
-        self._count_lock = threading.Lock()
+        self.limits = limits or Limits()
+        self._count_lock = self.limits.lock
+
+    in_flight = property(lambda self: self.limits.in_flight)
+    connections = property(lambda self: self.limits.connections)
+    body_bytes = property(lambda self: self.limits.body_bytes)
+    idle = property(lambda self: self.limits.idle)
 
     def waiting(self, sock, idle):
         """Mark a connection idle (between requests, or still sending its request's headers) or busy."""
         with self._count_lock:
             if idle:
-                self.idle[sock] = True
+                self.limits.idle[sock] = True
             else:
-                self.idle.pop(sock, None)
+                self.limits.idle.pop(sock, None)
 
     def track(self, delta):
         with self._count_lock:
-            self.in_flight += delta
+            self.limits.in_flight += delta
 
     def reserve_body(self, length, small=False):
         with self._count_lock:
-            if not small and self.body_bytes and self.body_bytes + length > self.config.MAX_BODY_BYTES_IN_FLIGHT:
+            held = self.limits.body_bytes
+            if not small and held and held + length > self.config.MAX_BODY_BYTES_IN_FLIGHT:
                 return False
-            self.body_bytes += length
+            self.limits.body_bytes += length
             return True
 
     def release_body(self, length):
         if length:
             with self._count_lock:
-                self.body_bytes -= length
+                self.limits.body_bytes -= length
 
     def process_request(self, request, client_address):
         """At MAX_CONNECTIONS, the connection that has been idle longest (a kept-open one, or one
         that has not finished its headers) is closed to make room: silent sockets cannot fill the
         proxy. Only when every connection is busy with a request is the new one answered 503."""
         with self._count_lock:
-            busy = self.connections >= self.config.MAX_CONNECTIONS
-            if busy and self.idle:
-                evicted, _ = self.idle.popitem(last=False)
+            busy = self.limits.connections >= self.config.MAX_CONNECTIONS
+            if busy and self.limits.idle:
+                evicted, _ = self.limits.idle.popitem(last=False)
                 busy = False
                 try:
                     evicted.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
             if not busy:
-                self.connections += 1
+                self.limits.connections += 1
         if busy:
             payload = json.dumps(error_body("The proxy has %d connections open; retry shortly." % self.config.MAX_CONNECTIONS,
                                             "server_error", "too_many_connections")).encode()
@@ -5088,7 +5182,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._count_lock:
-                self.connections -= 1
+                self.limits.connections -= 1
 
     def server_close(self):
         super().server_close()
@@ -5116,7 +5210,7 @@ class ProxyState:
 
     def __init__(self, config=None, data_dir=None, api_key=None, persist=True):
         self.config = config = config or Config()
-        self.data_dir = data_dir or config.DATA_DIR or SCRIPT_DIR
+        self.data_dir = data_dir or config.DATA_DIR or default_data_dir(config)
         self.api_key = load_api_key(self.data_dir) if api_key is None else api_key
         self.upstream = UpstreamPool(config.DEEPSEEK_BASE, config.UPSTREAM_POOL_SIZE)
         path = lambda name, on: os.path.join(self.data_dir, name) if (persist and on) else None  # noqa: E731
@@ -5133,6 +5227,7 @@ class ProxyState:
         self.responses = ResponseStore(config.RESPONSES_STORE_SIZE, config.MAX_RESPONSES_BYTES)
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
         self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
+        self.shutting_down = False  # set when the shutdown grace is over: answers still open get an error
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
         self.stores = {stage.name: stage.store(self) for stage in PIPELINE if stage.store}  # what stages keep
 
@@ -5178,6 +5273,19 @@ class ProxyState:
         self.upstream.close()
 
 
+def also_loopback(server, state):
+    """On the default 127.0.0.1, listen on ::1 at the same port too: where `localhost` resolves to ::1
+    first (macOS, newer Node and Python), a client configured with http://localhost:PORT then gets
+    through at once. Both share one set of limits. Nothing when ::1 is not available."""
+    if server.server_address[0] != "127.0.0.1" or not socket.has_ipv6:
+        return []
+    try:
+        return [ProxyServer(("::1", server.server_address[1]), ProxyHandler, state, server.limits)]
+    except OSError as error:
+        log.debug("not listening on ::1 too: %s", error)
+        return []
+
+
 def start_server(state, host, port, poll_interval=0.2):
     """A ProxyServer for state on (host, port), serving in a daemon thread; returns the server.
     (poll_interval: seconds shutdown() may wait for the serving loop to notice.)"""
@@ -5193,20 +5301,33 @@ def stop_server(server, grace):
     drain(server, grace)
 
 
-def drain(server, grace):
-    """After serving stopped: give requests being answered `grace` seconds, then close."""
+def drain(server, grace, hurry=None):
+    """After serving stopped: give requests being answered `grace` seconds (or until `hurry`, an
+    Event, is set: a second Ctrl-C), then cut their answers from DeepSeek so that each client gets
+    an error (a 503, or an error event in its stream) rather than a closed connection; close."""
     deadline = time.monotonic() + grace
-    while server.in_flight and time.monotonic() < deadline:
+    while server.in_flight and time.monotonic() < deadline and not (hurry and hurry.is_set()):
         time.sleep(0.05)
     if server.in_flight:
-        log.warning("%d requests still open at shutdown; closing them", server.in_flight)
+        log.warning("%d requests still open at shutdown; answering them with an error", server.in_flight)
+        server.state.shutting_down = True
+        server.state.upstream.abort()
+        cut = time.monotonic() + 2.0
+        while server.in_flight and time.monotonic() < cut:
+            time.sleep(0.02)
     server.server_close()
 
 
-def save_stats_every_minute(state):
+STATS_SAVE_SECONDS = 5.0  # how often changed /stats totals are written (a closed console loses at most this)
+
+
+def save_stats_while_running(state):
+    saved = None
     while True:
-        time.sleep(60)
-        state.stats.save(state.stats_path, state.warn)
+        time.sleep(STATS_SAVE_SECONDS)
+        if state.stats.totals != saved:
+            saved = collections.Counter(state.stats.totals)
+            state.stats.save(state.stats_path, state.warn)
 
 
 def explain_file(path, config):
@@ -5229,8 +5350,12 @@ def explain_file(path, config):
 def run_check(config):
     """--check: a few small real calls (a fraction of a cent) that test what the proxy relies on.
     One line each: ok, or FAIL with what to do. Exit 0 when everything holds."""
-    state = ProxyState(config, api_key=None, persist=False)
     results = []
+    try:
+        state = ProxyState(config, api_key=None, persist=False)
+    except ValueError as error:
+        print("FAIL  the DeepSeek key -> %s" % error, flush=True)
+        return 1
 
     def report(ok, text, advice=""):
         results.append(ok)
@@ -5338,7 +5463,7 @@ def main(argv=None):
     if not is_loopback(config.HOST):
         log.warning("Listening on %s: reachable from other machines%s.", config.HOST,
                     "" if config.PROXY_KEY else " WITHOUT a proxy key")
-    problems = data_dir_problems(config.DATA_DIR or SCRIPT_DIR)
+    problems = data_dir_problems(config.DATA_DIR or default_data_dir(config))
     if problems:
         log.error("Refusing to use the data folder: %s. Another local user could read or replace the "
                   "proxy's files there.", "; ".join(problems))
@@ -5355,9 +5480,10 @@ def main(argv=None):
     gc.freeze()
     gc.set_threshold(100000, 50, 100)
     if state.stats_path:
-        threading.Thread(target=save_stats_every_minute, args=(state,), daemon=True, name="stats-saver").start()
+        threading.Thread(target=save_stats_while_running, args=(state,), daemon=True, name="stats-saver").start()
     if not state.api_key:
-        log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create K.dat. Chat requests get 401 until then.")
+        log.warning("No DeepSeek API key: set DEEPSEEK_API_KEY or create %s (see K.dat.example). Chat requests "
+                    "get 401 until then.", key_files(state.data_dir)[0])
     try:
         server = ProxyServer((config.HOST, config.PORT), ProxyHandler, state)
     except OSError as error:
@@ -5367,23 +5493,37 @@ def main(argv=None):
         else:
             log.error("Cannot listen on %s:%d: %s", config.HOST, config.PORT, error)
         return 1
-    stopping = threading.Event()
+    servers = [server] + also_loopback(server, state)
+    stopping, hurry = threading.Event(), threading.Event()
 
     def stop(signum, frame):
-        if not stopping.is_set():
-            stopping.set()
-            log.info("signal %d: finishing in-flight requests (up to %.0fs)", signum, config.SHUTDOWN_GRACE)
-            threading.Thread(target=server.shutdown, daemon=True).start()
+        if stopping.is_set():
+            log.info("signal %d again: answering the requests still open with an error now", signum)
+            hurry.set()
+            return
+        stopping.set()
+        log.info("signal %d: finishing in-flight requests (up to %.0fs; again to stop now)", signum,
+                 config.SHUTDOWN_GRACE)
+        for each in servers:
+            threading.Thread(target=each.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break or a closed console on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
     host, port = server.server_address[:2]
-    log.info("deepseek-proxy %s listening on http://%s:%d/v1 -> %s (model %s, thinking %s); dashboard "
-             "http://%s:%d/; files in %s", __version__, url_host(host), port, config.DEEPSEEK_BASE, config.DEFAULT_MODEL,
-             config.THINKING_MODE, url_host(host), port, state.data_dir)
+    log.info("deepseek-proxy %s listening on http://%s:%d/v1%s -> %s (model %s, thinking %s); dashboard "
+             "http://%s:%d/; files in %s", __version__, url_host(host), port,
+             "".join(" and http://%s:%d/v1" % (url_host(other.server_address[0]), port) for other in servers[1:]),
+             config.DEEPSEEK_BASE, config.DEFAULT_MODEL, config.THINKING_MODE, url_host(host), port, state.data_dir)
     print("LISTENING %s:%d" % (host, port), flush=True)
+    for other in servers[1:]:
+        threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     server.serve_forever(poll_interval=0.2)
-    drain(server, config.SHUTDOWN_GRACE)
+    for other in servers[1:]:
+        other.shutdown()
+    drain(server, config.SHUTDOWN_GRACE, hurry)
+    for other in servers[1:]:
+        other.server_close()
     state.close()
     log.info("stopped")
     return 0

@@ -24,6 +24,7 @@ import hashlib
 import http.server
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -94,6 +95,49 @@ def default_responder(body, number):
     return Answer(content="Answer %d." % number,
                   reasoning="Reasoning %d about %s." % (number, hashlib.sha256(
                       (text or "").encode()).hexdigest()[:12]))
+
+
+READ_LIKE = re.compile(r"read|view|cat|open|get_?file|file_?content|show", re.I)
+
+
+def demo_agent(body, number):
+    """A model for trying real clients by hand: when the request offers tools and the conversation's
+    last message is the user's, it calls the first read-like tool offered (else the first tool) with
+    a path-like argument; once a tool result is in, it answers with a short text naming what it read."""
+    if is_summary_request(body):
+        return summary_answer(body)
+    tools = [tool.get("function") or {} for tool in body.get("tools") or ()]
+    last = body["messages"][-1]
+    if tools and last.get("role") == "user":
+        tool = next((tool for tool in tools if READ_LIKE.search(tool.get("name") or "")), tools[0])
+        properties = ((tool.get("parameters") or {}).get("properties") or {})
+        arguments = {}
+        for name, schema in properties.items():
+            if (schema or {}).get("type", "string") == "string":
+                arguments[name] = "README.md" if re.search(r"path|file|name|target", name, re.I) else "demo"
+        required = (tool.get("parameters") or {}).get("required") or []
+        arguments = {name: value for name, value in arguments.items() if name in required or len(arguments) == 1} \
+            or arguments
+        return Answer(content="Let me look at README.md first.", reasoning="I should read a file.",
+                      tool_calls=[(tool.get("name"), arguments)])
+    if last.get("role") == "tool":
+        text = last.get("content") if isinstance(last.get("content"), str) else json.dumps(last.get("content"))
+        return Answer(content="I read it: %d characters, starting %r. Demo answer %d." % (
+            len(text or ""), (text or "")[:40], number), reasoning="The tool answered.")
+    return default_responder(body, number)
+
+
+def scripted(answers):
+    """A responder that plays a list of answers in order (the last one again when they run out):
+    each {"content": ..., "reasoning": ..., "tool_calls": [[name, {arguments}], ...]}."""
+    def respond(body, number):
+        if is_summary_request(body):
+            return summary_answer(body)
+        entry = answers[min(number - 1, len(answers) - 1)] if answers else {}
+        return Answer(content=entry.get("content", ""), reasoning=entry.get("reasoning"),
+                      tool_calls=[tuple(call) for call in entry.get("tool_calls") or ()],
+                      finish_reason=entry.get("finish_reason"))
+    return respond
 
 
 def render_message(message):
@@ -510,8 +554,18 @@ def main():
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--key", default="sk-fake", help="the API key it accepts")
     parser.add_argument("--connect-delay", type=float, default=0.0, help="seconds each new connection waits")
+    parser.add_argument("--demo-agent", action="store_true",
+                        help="call the first read-like tool a request offers, then answer: a tool round with any "
+                             "agent (Claude Code, Codex, ...)")
+    parser.add_argument("--script", metavar="ANSWERS.json",
+                        help='answers to play in order: [{"content": "...", "tool_calls": [["name", {...}]]}, ...]')
     args = parser.parse_args()
     fake = FakeDeepSeek(args.key)
+    if args.script:
+        with open(args.script, encoding="utf-8") as handle:
+            fake.responder = scripted(json.load(handle))
+    elif args.demo_agent:
+        fake.responder = demo_agent
     fake.record = False
     fake.connect_delay = args.connect_delay
     fake.start(port=args.port)

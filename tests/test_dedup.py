@@ -257,7 +257,7 @@ class ThroughTheProxy(ProxyTestCase):
         self.assertIn("[Same output as tool call call_1", sent[5]["content"])
         self.assertEqual(sent[7]["content"], "<userRequest>again</userRequest>\n\n```python\n"
                                              "[identical to the copy of this block above]\n```")
-        self.assertLess(int(headers["X-Proxy-Tokens-Out"]), int(headers["X-Proxy-Tokens-In"]))
+        self.assertLess(int(headers["X-Proxy-Tokens-Sent-Estimate"]), int(headers["X-Proxy-Tokens-In-Estimate"]))
 
 
 if __name__ == "__main__":

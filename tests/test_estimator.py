@@ -109,7 +109,7 @@ class Budget(ProxyTestCase):
         self.assertEqual(status, 200)
         sent = self.fake.requests[-1]["messages"]
         self.assertIn("<conversation-summary>", json.dumps(sent))
-        self.assertLess(int(headers["X-Proxy-Tokens-Out"]), dp.SUMMARY_RATIO * dp.MAX_CONTEXT)
+        self.assertLess(int(headers["X-Proxy-Tokens-Sent-Estimate"]), dp.SUMMARY_RATIO * dp.MAX_CONTEXT)
         self.assertEqual(sent[-3:], messages[-3:], "the verbatim tail")
 
 

@@ -183,7 +183,7 @@ class ThroughTheProxy(ProxyTestCase):
         sent = self.fake.requests[-1]
         self.assertTrue(sent["messages"][4]["content"].startswith("[Near-duplicate of the output of tool call call_0"))
         self.assertEqual(sent["tools"], tools)
-        self.assertLess(int(headers["X-Proxy-Tokens-Out"]), int(headers["X-Proxy-Tokens-In"]) * 0.7)
+        self.assertLess(int(headers["X-Proxy-Tokens-Sent-Estimate"]), int(headers["X-Proxy-Tokens-In-Estimate"]) * 0.7)
 
 
 if __name__ == "__main__":

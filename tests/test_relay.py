@@ -25,7 +25,7 @@ class NonStreaming(ProxyTestCase):
         self.assertEqual(usage["prompt_tokens"], usage["prompt_cache_hit_tokens"] + usage["prompt_cache_miss_tokens"])
         self.assertEqual(answer["model"], "deepseek-v4-flash", "the model echoed is DeepSeek's")
         self.assertEqual(headers["X-Proxy-Cache-Hit-Tokens"], str(usage["prompt_cache_hit_tokens"]))
-        self.assertIn("X-Proxy-Tokens-In", headers)
+        self.assertIn("X-Proxy-Tokens-In-Estimate", headers)
 
     def test_forced_configuration_and_dropped_fields(self):
         status, _, _ = self.proxy.chat(chat_body(

@@ -67,7 +67,7 @@ class Stats(ProxyTestCase):
                          + answer["usage"]["prompt_cache_miss_tokens"] * 0.14
                          + answer["usage"]["completion_tokens"] * 0.28) / 1e6, 6))
         status, headers, _ = self.proxy.chat(chat_body(stream=True))
-        self.assertIn("X-Proxy-Tokens-In", headers)
+        self.assertIn("X-Proxy-Tokens-In-Estimate", headers)
         self.assertNotIn("X-Proxy-Cache-Hit-Tokens", headers, "not known before a stream's headers")
 
     def test_stats_survive_a_restart(self):
