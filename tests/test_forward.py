@@ -247,3 +247,69 @@ class StreamContracts(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class EdgesTheMutantsFound(unittest.TestCase):
+    """Behaviour an outside mutation pass showed untested (bench/mutate.py)."""
+
+    def test_hunk_headers_are_unified_diff_on_both_sides(self):
+        old = ["a", "b", "c", "d"]
+        self.assertEqual(dp.line_delta(old, ["a", "b", "x", "c", "d"]), "@@ -2,0 +3,1 @@\n+x")
+        self.assertEqual(dp.line_delta(old, ["a", "d"]), "@@ -2,2 +1,0 @@\n-b\n-c")
+        self.assertEqual(dp.line_delta(old, ["a", "B", "c", "d"]), "@@ -2,1 +2,1 @@\n-b\n+B")
+        self.assertEqual(dp.line_delta(["k%d" % n for n in range(10)], ["k0", "k9"]), "@@ -2,8 +1,0 @@\n-[8 lines]")
+
+    def test_the_window_fallback_sends_a_delta_whole_when_its_anchor_is_cut(self):
+        state = dp.ProxyState(dp.Config(UPSTREAM_CONTEXT_WINDOW=3000, MAX_OUTPUT_TOKENS=500), persist=False,
+                              api_key="")
+        ctx = dp.RequestContext({}, state)
+        big = "filler line of an old turn that will be dropped\n" * 500
+        messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "task"},
+                    {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"},
+                    {"role": "assistant", "content": big}, {"role": "user", "content": "a delta of message 4"},
+                    {"role": "assistant", "content": "ok"}, {"role": "user", "content": "last"}]
+        ctx.base = [dict(message) for message in messages]
+        ctx.base[5] = {"role": "user", "content": "the whole text the client sent"}
+        ctx.anchor(5, 4)
+        sent = [message["content"] for message in dp.fit_upstream_window(messages, ctx)]
+        self.assertFalse(big in sent, "the old turn was dropped")
+        self.assertTrue("the whole text the client sent" in sent, "the delta went whole: %s" % [t[:30] for t in sent])
+
+    def test_the_aider_stage_steps_aside_near_the_budget(self):
+        from test_ephemeral import AiderConversation
+        state = dp.ProxyState(dp.Config(MAX_CONTEXT=2000), persist=False, api_key="")
+        aider = AiderConversation()
+        sent = None
+        for text in ("one", "two", "three"):
+            messages = aider.request(text)
+            ctx = dp.RequestContext({}, state)
+            ctx.normalised = ctx.base = messages
+            sent = dp.keep_ephemeral_blocks(messages, ctx)
+            for remember in ctx.kept:
+                remember()
+            aider.answered(text, "done")
+        self.assertIs(sent, messages, "past the watermark the request goes as the client built it")
+
+
+class RoutesRefuseBrowsers(unittest.TestCase):
+    """The Host, Origin and Content-Type checks on every route of the route table."""
+
+    def test_every_post_route(self):
+        from helpers import FakeDeepSeek, Proxy
+        import shutil
+        import tempfile
+        fake = FakeDeepSeek("sk-x").start()
+        self.addCleanup(fake.stop)
+        data = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, data, True)
+        proxy = Proxy(fake.url, data, key="sk-x")
+        self.addCleanup(proxy.stop)
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        for path in dp.API_POST_PATHS:
+            self.assertEqual(proxy.request("POST", path, body, {"Content-Type": "text/plain"})[0], 415, path)
+            self.assertEqual(proxy.request("POST", path, body, {"Origin": "http://evil.example"})[0], 403, path)
+            self.assertEqual(proxy.request("POST", path, body, {"Host": "evil.example:%d" % proxy.port})[0], 403,
+                             path)
+        for path in ("/stats", "/health", "/v1/models", "/", "/v1/responses/x"):
+            self.assertEqual(proxy.request("GET", path, headers={"Host": "127.1.example"})[0], 403, path)
+        self.assertEqual(fake.requests, [])
