@@ -76,7 +76,11 @@ __version__ = "0.2.0"
 
 # =====================================================================================================
 # Configuration. Every constant in this block is also a command-line flag (--lower-case-name, or the
-# name in FLAG_NAMES); its comment is the flag's help. Nothing else in the file defines a knob.
+# name in FLAG_NAMES); its comment is the flag's help. These are the defaults: parse_args() builds one
+# Config value from them, and nothing reads them afterwards. A stage may declare flags of its own
+# (Flag, in PIPELINE). The few other UPPER_CASE numbers in the file are not knobs but facts or
+# engineering bounds of the code beside them (the chat template's overhead, the estimator's weights,
+# the diff's work per gap, the read size of a body), each with its unit.
 # =====================================================================================================
 
 # -- Upstream and model (these override whatever the client asks for)
@@ -95,7 +99,7 @@ MAX_ANSWER_BYTES = 64 * 1024 * 1024  # bytes; a streamed answer from DeepSeek lo
 
 # -- Reasoning cache (thinking mode with tools)
 MAX_CACHE_SIZE = 500  # conversations whose assistant reasoning is kept (LRU)
-MAX_CACHE_BYTES = 128 * 1024 * 1024  # bytes of reasoning text kept in memory, all conversations together
+MAX_CACHE_BYTES = 128 * 1024 * 1024  # characters of reasoning text kept in memory, all conversations together
 PERSIST_REASONING = True  # keep the reasoning cache in DATA_DIR/reasoning_cache.jsonl across restarts
 
 # -- Ephemeral context blocks (Aider's chat files)

@@ -64,7 +64,7 @@ def copy_tree(rev, target):
         subprocess.run(["tar", "-x", "-C", target], input=archive, check=True)
     else:
         shutil.copytree(ROOT, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", "pre_msg", "post_msg", "pre_sys", "post_sys", "bench"))
+            ".git", ".venv", "__pycache__", "pre_msg", "post_msg", "pre_sys", "post_sys", "trial", "results"))
 
 
 def run_suite(tree, timeout):
@@ -82,6 +82,16 @@ def main():
     args = parser.parse_args()
     chosen = {int(n) for n in args.only.split(",") if n} or set(range(1, len(MUTANTS) + 1))
     killed = applicable = 0
+    baseline = tempfile.mkdtemp(prefix="mutant-")
+    try:
+        copy_tree(args.rev, baseline)
+        code, seconds = run_suite(baseline, args.timeout)
+    finally:
+        shutil.rmtree(baseline, ignore_errors=True)
+    if code:
+        print("the unmutated suite fails at this revision; no score")
+        return 1
+    print("unmutated suite passes (%.0f s)\n" % seconds)
     print("| # | mutant | result |\n|---|---|---|")
     for number, (name, pattern, replacement) in enumerate(MUTANTS, 1):
         if number not in chosen:
@@ -108,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -366,6 +366,19 @@ class KeyRedaction(ProxyTestCase):
         self.assertNotIn(API_KEY.encode(), stats)
         self.assertNotIn(API_KEY, self.proxy.log())
 
+    def test_a_gateway_page_quoting_the_key_is_redacted(self):
+        self.fake.failures.append(("raw", 400, ("<html>Bad request from key %s</html>" % API_KEY).encode()))
+        status, _, raw = self.proxy.request("POST", "/v1/chat/completions", chat_body())
+        self.assertEqual(status, 400)
+        self.assertNotIn(API_KEY.encode(), raw)
+        self.assertIn(b"[redacted]", raw)
+
+    def test_any_key_shape_is_redacted_not_only_sk_keys(self):
+        key = "team-gateway-key-0123456789"
+        for raw in (("<html>%s</html>" % key).encode(), json.dumps({"error": {"message": "bad " + key}}).encode()):
+            failure = dp.upstream_failure(400, raw, {}, key)
+            self.assertNotIn(key, json.dumps(failure.body))
+
     def test_a_200_answer_that_echoes_the_key_is_redacted(self):
         # Whole answers only: a stream whose deltas split the key is not caught (README: not covered).
         self.fake.responder = lambda body, number: Answer(content="Authorization: Bearer " + API_KEY, reasoning="r")

@@ -139,7 +139,7 @@ class Framing(unittest.TestCase):
 
     def test_an_event_over_the_size_limit_is_an_error_event(self):
         state = dp.ProxyState(dp.Config(MAX_UPSTREAM_EVENT_BYTES=1000), persist=False, api_key="k")
-        data = sse([chunk({"content": "x" * 2000}), chunk({}, "stop", USAGE), b"[DONE]"])
+        data = sse([chunk({"content": "x" * 900}), chunk({}, "stop", USAGE), b"[DONE]"])  # just over 1000
         outcome, writer, _ = run(dp.ChatFront, {"model": "x", "stream": True,
                                                 "messages": [{"role": "user", "content": "hi"}]}, data, state)
         self.assertEqual(outcome.status, 502)
@@ -305,7 +305,10 @@ class RoutesRefuseBrowsers(unittest.TestCase):
         proxy = Proxy(fake.url, data, key="sk-x")
         self.addCleanup(proxy.stop)
         body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).encode()
-        for path in dp.API_POST_PATHS:
+        routes = ("/v1/chat/completions", "/chat/completions", "/v1/messages", "/v1/messages/count_tokens",
+                  "/v1/responses", "/responses", "/v1/proxy/explain", "/proxy/explain")
+        self.assertEqual(set(routes) - set(dp.API_POST_PATHS), set(), "every POST route takes JSON only")
+        for path in routes:
             self.assertEqual(proxy.request("POST", path, body, {"Content-Type": "text/plain"})[0], 415, path)
             self.assertEqual(proxy.request("POST", path, body, {"Origin": "http://evil.example"})[0], 403, path)
             self.assertEqual(proxy.request("POST", path, body, {"Host": "evil.example:%d" % proxy.port})[0], 403,
