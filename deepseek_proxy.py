@@ -39,7 +39,6 @@ Standard library only. License: MIT.
 """
 
 import argparse
-import array
 import base64
 import bisect
 import collections
@@ -266,7 +265,7 @@ class Config:
 
     def replace(self, **values):
         """A copy with some values changed."""
-        return Config(**dict(vars(self), **values))
+        return Config(**dict({name: value for name, value in vars(self).items() if not name.startswith("_")}, **values))
 
     def problems(self):
         """What is wrong with the configuration, one line each (checked at start: exit 2)."""
@@ -439,19 +438,23 @@ def encode_json(payload, pieces=None, tools_json=None):
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode("utf-8")
 
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+def json_depth(value):
+    """How deeply arrays and objects nest in a parsed JSON value: one iterative pass over its
+    containers (no recursion, so no Python's own limit decides; the same on every version, whose
+    parsers differ: 3.12 accepts far deeper input than 3.9)."""
+    deepest, stack = 0, [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return deepest
 
 
-def json_depth(raw, limit=MAX_JSON_DEPTH):
-    """How deeply arrays and objects nest in raw JSON bytes, by one linear pass in C (strings are
-    cut out first): the same limit on every Python, whose own parsers differ (3.12 accepts far more
-    than 3.9), and no recursion in the proxy's walks over what it accepted."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return 0
-    steps = _JSON_STRING.sub(b"", raw).translate(_BRACKET_STEPS, _NOT_BRACKETS)
-    return max(itertools.accumulate(array.array("b", steps)), default=0)
+def too_deep(raw, value, limit):
+    """The body nests deeper than `limit` (a body with fewer brackets than that cannot: no walk)."""
+    return raw.count(b"[") + raw.count(b"{") > limit and json_depth(value) > limit
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
@@ -1532,8 +1535,11 @@ class RequestContext:
     identifies its first k messages (a SHA-256 chain over what survives a client's echo of a
     message), so anything keyed by it can only be found again inside the same conversation."""
 
-    def __init__(self, body, state):
+    def __init__(self, body, state, explain=False):
         self.state = state
+        self.explain = explain  # explain mode: no call to DeepSeek, no memory changed
+        # memo(function, text): the state's per-text memo, which explain only reads
+        self.memo = functools.partial(state.memo, store=False) if explain else state.memo
         self.request_id = uuid.uuid4().hex[:12]
         self.tools = body.get("tools") or None
         self.tools_json = json.dumps(self.tools, ensure_ascii=False) if self.tools else None  # encoded once
@@ -1547,7 +1553,6 @@ class RequestContext:
         self.tokens_in = 0  # estimated prompt tokens as the client sent them
         self.tokens_out = 0  # estimated prompt tokens after the pipeline
         self.estimate_error = None  # (estimate - DeepSeek's prompt_tokens) / prompt_tokens
-        self.explain = False  # explain mode: no call to DeepSeek, no memory changed
         self.anchors = {}  # message index -> index of the earliest message a compression of it refers to
         self.base = None  # the messages those indices refer to, whole (normalise_messages, keep_ephemeral_blocks)
         self._chain = None
@@ -1599,10 +1604,6 @@ class RequestContext:
             total += entry[1] if entry is not None and entry[0] is message else self.message_tokens(message)
         self._last_count = (messages, len(messages), total)
         return total
-
-    def memo(self, function, text):
-        """state.memo(function, text), which explain only reads (explain changes no memory)."""
-        return self.state.memo(function, text, store=not self.explain)
 
     def keep(self, remember):
         """Run remember() when DeepSeek has accepted this request and answered (answer_ended):
@@ -1960,8 +1961,12 @@ DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
 
 def boilerplate_finder(config):
     """find_boilerplate_blocks for the configuration's BOILERPLATE_PATTERNS: one function per table
-    (so the per-text memo keeps results per table)."""
-    return compile_finder(tuple(sorted(config.BOILERPLATE_PATTERNS.values())))
+    (so the per-text memo keeps results per table), made once per configuration."""
+    finder = config.__dict__.get("_boilerplate_finder")
+    if finder is None:
+        finder = config.__dict__["_boilerplate_finder"] = compile_finder(
+            tuple(sorted(config.BOILERPLATE_PATTERNS.values())))
+    return finder
 
 
 @functools.lru_cache(maxsize=8)
@@ -3117,12 +3122,66 @@ RESPONSES_REQUEST = {
         "custom_tool_call_output": {"call_id": str, "output": RESPONSES_CONTENT}}, default="message")])}
 
 
+def shape_test(shape):
+    """A function value -> bool that says whether value has the shape, compiled once per shape (the
+    request path runs it on every body; check_shape, slower, only runs to name a field that fails)."""
+    if isinstance(shape, tuple):
+        branches = [(outer_test(item), shape_test(item)) for item in shape]
+        return lambda value: next((inner(value) for outer, inner in branches if outer(value)), False)
+    if isinstance(shape, Tagged):
+        tests, default = {kind: shape_test(inner) for kind, inner in shape.shapes.items()}, shape.default
+
+        def tagged(value):
+            if not isinstance(value, dict):
+                return False
+            kind = value.get("type", default)
+            if kind is None:
+                return True
+            test = tests.get(kind) if isinstance(kind, str) else False
+            return test is None or (test is not False and test(value))
+        return tagged
+    if isinstance(shape, dict):
+        fields = [(field, shape_test(inner)) for field, inner in shape.items()]
+
+        def obj(value):
+            if not isinstance(value, dict):
+                return False
+            for field, test in fields:
+                item = value.get(field)
+                if item is not None and not test(item):
+                    return False
+            return True
+        return obj
+    if isinstance(shape, list):
+        test = shape_test(shape[0])
+        return lambda value: isinstance(value, list) and all(map(test, value))
+    return outer_test(shape)
+
+
+def outer_test(shape):
+    """value -> bool: the shape's outer JSON type only."""
+    if isinstance(shape, tuple):
+        tests = [outer_test(item) for item in shape]
+        return lambda value: any(test(value) for test in tests)
+    if isinstance(shape, (dict, Tagged)) or shape is dict:
+        return lambda value: isinstance(value, dict)
+    if isinstance(shape, list) or shape is list:
+        return lambda value: isinstance(value, list)
+    if shape is NUMBER:
+        return lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+    return lambda value: isinstance(value, shape)
+
+
+SHAPE_TESTS = {id(table): shape_test(table) for table in (CHAT_REQUEST, ANTHROPIC_REQUEST, RESPONSES_REQUEST)}
+
+
 def check_request(body, shape):
     if not isinstance(body, dict):
         raise ClientError(400, "The request body must be a JSON object.")
     if "messages" in shape and (not isinstance(body.get("messages"), list) or not body["messages"]):
         raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
-    check_shape(body, shape, "body")
+    if not SHAPE_TESTS[id(shape)](body):
+        check_shape(body, shape, "body")  # names the field
 
 
 def validate_chat_request(body):
@@ -4240,8 +4299,7 @@ def explain(body, state, front=None):
     exchange = front.exchange(body, state)
     chat_body = exchange.chat_body
     validate_chat_request(chat_body)
-    ctx = RequestContext(chat_body, state)
-    ctx.explain = True
+    ctx = RequestContext(chat_body, state, explain=True)
     messages = chat_body["messages"]
     ctx.tokens_in = ctx.prompt_tokens(messages)
     report = []
@@ -4973,16 +5031,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                   "request_timeout", close=True)
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
         self.body_read()
-        if json_depth(raw, self.config.MAX_JSON_DEPTH) > self.config.MAX_JSON_DEPTH:
-            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % self.config.MAX_JSON_DEPTH,
-                              "invalid_json")
         try:
             body = json.loads(raw.decode("utf-8"))
-            return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
-        except (ValueError, RecursionError) as error:
+        except RecursionError:
+            body = None  # nested past Python's own limit: too deep by any measure
+        except ValueError as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
+        if body is None and raw.strip() != b"null" or too_deep(raw, body, self.config.MAX_JSON_DEPTH):
+            raise ClientError(400, "The request body nests arrays or objects more than %d deep."
+                              % self.config.MAX_JSON_DEPTH, "invalid_json")
+        return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
 
     def reserve(self, size):
         """Count `size` more bytes against --max-body-bytes-in-flight for this request; 503 when the

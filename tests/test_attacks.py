@@ -326,9 +326,16 @@ class TypeConfusion(ProxyTestCase):
         status, _, raw = self.proxy.request("POST", "/v1/chat/completions", deep)
         self.assertEqual(status, 400)
         self.assertIn(b"nests", raw)
-        self.assertEqual(dp.json_depth(b'{"a": "[[[[[[[[" , "b": [[1]]}' + b" " * 10), 0, "few brackets: no scan")
-        self.assertEqual(dp.json_depth(json.dumps({"s": "[" * 500 + '\\"[', "b": [[[1]]]}).encode()), 4)
-        self.assertEqual(dp.json_depth(b"[" * 300), 300)
+        self.assertFalse(dp.too_deep(b'{"a": "[[[[[[[[", "b": [[1]]}', {"a": "[[[[[[[[", "b": [[1]]}, 3),
+                         "brackets in strings do not count")
+        self.assertEqual(dp.json_depth(json.loads(json.dumps({"s": "[" * 500 + '\\"[', "b": [[[1]]]}))), 4)
+        self.assertEqual(dp.json_depth(json.loads("[" * 300 + "]" * 300)), 300)
+        for depth in (129, 990, 5000):  # under, around and past Python's own recursion limit
+            body = b'{"model": "x", "messages": [{"role": "user", "content": "hi"}], "metadata": ' + \
+                b"[" * depth + b"]" * depth + b"}"
+            status, _, raw = self.proxy.request("POST", "/v1/chat/completions", body)
+            self.assertEqual(status, 400, depth)
+            self.assertIn(b"nests", raw)
 
 
 class HeaderInjection(ProxyTestCase):
