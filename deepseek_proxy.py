@@ -5015,7 +5015,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         chunks, received = [], 0
         try:
             while received < length:  # count the in-flight budget as bytes arrive, not as announced
-                chunk = self.rfile.read1(min(BODY_CHUNK_BYTES, length - received))
+                chunk = self.rfile.read(min(BODY_CHUNK_BYTES, length - received))
                 if not chunk:
                     break
                 self.reserve(len(chunk))
