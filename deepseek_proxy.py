@@ -442,13 +442,16 @@ def json_depth(value):
     """How deeply arrays and objects nest in a parsed JSON value: one iterative pass over its
     containers (no recursion, so no Python's own limit decides; the same on every version, whose
     parsers differ: 3.12 accepts far deeper input than 3.9)."""
-    deepest, stack = 0, [(value, 1)] if isinstance(value, (dict, list)) else []
+    containers = (dict, list)
+    deepest, stack = 0, [(value, 1)] if type(value) in containers else []
+    pop, push = stack.pop, stack.append
     while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, (dict, list)):
-                stack.append((child, depth + 1))
+        node, depth = pop()
+        if depth > deepest:
+            deepest = depth
+        for child in node.values() if type(node) is dict else node:
+            if type(child) in containers:
+                push((child, depth + 1))
     return deepest
 
 
