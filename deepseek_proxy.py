@@ -145,6 +145,8 @@ SUMMARY_MAX_TOKENS = 4000  # tokens; max_tokens of a conversation summary call
 SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeouts
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
 SUMMARY_CACHE_SIZE = 500  # conversation summaries kept (LRU)
+MEASURED_COUNTS = 2000  # DeepSeek-measured prompt counts kept, one per conversation's latest request (LRU)
+ESTIMATE_MARGIN = 0.10  # fraction; a count resting on the estimate alone must pass the budget by this much
 UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
 PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
 PERSIST_STATS = True  # keep /stats totals in DATA_DIR/stats.json across restarts (saved each minute)
@@ -1564,6 +1566,8 @@ class RequestContext:
         self._token_memo = {}  # id(message) -> (message, tokens)
         self._tools_tokens = None
         self.kept = []  # what to remember once the answer is in (keep())
+        self.sent_messages = None  # the messages as the pipeline left them (prepare)
+        self.count_measured = False  # the budget decision rested on DeepSeek's own count (count_tokens)
 
     @property
     def chain(self):
@@ -1613,6 +1617,22 @@ class RequestContext:
         what a stage keeps for the conversation's next request costs no memory for a request
         DeepSeek rejects, and none for explain."""
         self.kept.append(remember)
+
+    def count_tokens(self, messages):
+        """(prompt tokens of messages as sent, measured): anchored on DeepSeek's own count when this
+        conversation's earlier request sent a prefix of them (its usage.prompt_tokens, kept by
+        remember_prompt_count), plus the estimate of what is new; the estimate alone otherwise (a
+        conversation's first request, another instance, an evicted count)."""
+        chain = history_chain(messages, self.memo, exact=True)
+        tools = self.tools_digest()
+        for length in range(len(messages), 0, -1):
+            found = self.state.measured.recall(hashlib.sha256(tools + chain[length]).hexdigest())
+            if found:
+                return found["prompt_tokens"] + sum(self.message_tokens(m) for m in messages[length:]), True
+        return self.prompt_tokens(messages), False
+
+    def tools_digest(self):
+        return hashlib.sha256((self.tools_json or "").encode("utf-8", "surrogatepass")).digest()
 
     def anchor(self, index, anchor_index):
         """Record that what a stage sent for messages[index] refers to messages[anchor_index] (a
@@ -2608,6 +2628,9 @@ class SystemPromptStore:
             summary = self.state.summarise([
                 {"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
                 self.state.config.SYSTEM_SUMMARY_MAX_TOKENS)
+            problem = implausible_summary(text, summary)
+            if problem:
+                raise ValueError("the summary is not usable (%s)" % problem)  # backs off, then retries
             if len(summary) > self.state.config.SYSTEM_MAX_RATIO * len(text):
                 log.info("system prompt %s: summary of %d chars for %d is not short enough; keeping the "
                          "original", digest[:12], len(summary), len(text))
@@ -2638,6 +2661,31 @@ class SystemPromptStore:
     def wait_idle(self, timeout=30.0):
         """Wait for summaries under way (tests, benchmarks)."""
         return self.flight.wait_idle(timeout)
+
+
+_REFUSAL = re.compile(r"^\W*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i am unable|i'?m unable|as an ai|"
+                      r"error\b|an error|抱歉|对不起|我无法|无法)", re.I)
+
+
+def cjk_share(text):
+    """The share of CJK and Hangul characters in (the first 20,000 characters of) a text."""
+    sample = text[:20000]
+    return sum(1 for char in sample if "\u3000" <= char <= "\u9fff" or "\uac00" <= char <= "\ud7af") / max(1, len(sample))
+
+
+def implausible_summary(original, summary):
+    """Why a summary must not replace `original` (None when it may): far too short for what it
+    stands for (a canned answer), not shorter at all, in another language, or an error or refusal
+    rather than a summary. The original is then kept, and the summary is tried again later."""
+    if len(summary) < min(400, max(40, len(original) // 50)):
+        return "%d characters for %d" % (len(summary), len(original))
+    if len(summary) >= len(original):
+        return "not shorter than the original"
+    if abs(cjk_share(original) - cjk_share(summary)) > 0.3:
+        return "not in the original's language"
+    if _REFUSAL.match(summary):
+        return "an error or a refusal, not a summary"
+    return None
 
 
 def describe_error(error):
@@ -2678,9 +2726,10 @@ SUMMARY_OPEN = "<conversation-summary>\nThe earlier part of this conversation, s
 SUMMARY_CLOSE = "\n</conversation-summary>"
 
 
-class SummaryCache:
-    """Conversation summaries by the fingerprint of exactly the messages they replaced (LRU of
-    SUMMARY_CACHE_SIZE), mirrored to an append-only JSONL file like the reasoning cache."""
+class KeyedCache:
+    """A bounded LRU of JSON values mirrored to an append-only JSONL file (compacted when it holds
+    twice what memory does), like the reasoning cache: conversation summaries by the fingerprint of
+    exactly the messages they replaced; measured prompt counts by the exact history they count."""
 
     def __init__(self, capacity, path=None, warn=None):
         self.entries = LRU(capacity)
@@ -2692,7 +2741,7 @@ class SummaryCache:
         for record in self.file.load():
             if isinstance(record, dict) and isinstance(record.get("k"), str) and isinstance(record.get("v"), dict):
                 self.entries.put(record["k"], record["v"])
-        log.info("%s: %d summaries loaded", os.path.basename(self.file.path), len(self.entries))
+        log.info("%s: %d entries loaded", os.path.basename(self.file.path), len(self.entries))
 
     def recall(self, key):
         return self.entries.get(key)
@@ -2786,6 +2835,10 @@ class ConversationSummaries:
             messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
             summary = self.state.summarise(messages, self.state.config.SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
                                            tools=ctx.tools, thinking=ctx.thinking)
+            replaced = "\n".join(content_text(message.get("content")) for message in prefix[plan.head:plan.end])
+            problem = implausible_summary(replaced, summary)
+            if problem:
+                raise ValueError("the summary is not usable (%s)" % problem)  # backs off, then retries
             self.state.summaries.remember(plan.key, {"summary": summary, "pulled": plan.pulled})
             log.info("[%s] summarised %d messages into %d chars", ctx.request_id, plan.end - plan.head, len(summary))
         except Exception as failure:  # never fatal: the caller falls back
@@ -2859,8 +2912,12 @@ def summarise_over_budget(messages, ctx):
     """
     budget = ctx.config.SUMMARY_RATIO * ctx.config.MAX_CONTEXT
     watermark = ctx.config.SUMMARY_WATERMARK * ctx.config.MAX_CONTEXT if 0 < ctx.config.SUMMARY_WATERMARK < ctx.config.SUMMARY_RATIO else budget
+    crossed = ctx.state.crossed.get(ctx.conversation_key)  # its summaries apply from now on, whatever the count
     total = ctx.prompt_tokens(messages)
-    if total < watermark:
+    if total < watermark / (1 + ctx.config.ESTIMATE_MARGIN) and not crossed:
+        return messages  # far below even if the estimate is low by its whole margin
+    total, ctx.count_measured = budget_count(messages, ctx)
+    if total < watermark and not crossed:
         return messages
     head = conversation_head(messages)
     fingerprints = prefix_fingerprints(messages)
@@ -2887,9 +2944,21 @@ def summarise_over_budget(messages, ctx):
     if summary is None:
         return fit_upstream_window(current, ctx)
     result = plan.apply(messages, summary, ctx)
+    key = ctx.conversation_key
+    ctx.keep(lambda: ctx.state.crossed.put(key, True))
     ctx.saved["summarise_over_budget"] = total - ctx.prompt_tokens(result)
     ctx.notes.append("summarised %d messages" % (end - head))
     return result
+
+
+def budget_count(messages, ctx):
+    """(tokens the budget compares, measured): DeepSeek's anchored count when there is one; else the
+    estimate less its margin (ESTIMATE_MARGIN), so that an estimate that runs high on some text
+    (identifiers with digits, hex, base64) cannot summarise a conversation that is under the budget.
+    A conversation a little over the budget costs less than a lost context: DeepSeek's own window is
+    far larger."""
+    count, measured = ctx.count_tokens(messages)
+    return (count, True) if measured else (int(count / (1 + ctx.config.ESTIMATE_MARGIN)), False)
 
 
 def choose_summary(messages, ctx, head, fingerprints, budget):
@@ -2902,17 +2971,21 @@ def choose_summary(messages, ctx, head, fingerprints, budget):
     candidates = [(head, None)] + [(end, ctx.state.summaries.recall(fingerprints[end]))
                                    for end in range(head + 1, len(messages))]
     candidates = [(end, entry) for end, entry in candidates if end == head or entry]
-    total = ctx.prompt_tokens(messages)
+    if len(candidates) > 1 and ctx.state.crossed.get(ctx.conversation_key):
+        candidates = candidates[1:]  # once summarised, always: the bytes DeepSeek cached stay as they were
+    total = budget_count(messages, ctx)[0]
     for end, entry in candidates:
         if entry is None:
             current = messages
         else:
             current = SummaryPlan(head, end, fingerprints, entry["pulled"]).apply(messages, entry["summary"], ctx)
-        current_tokens = ctx.prompt_tokens(current)
+        current_tokens = budget_count(current, ctx)[0]
         if current_tokens < budget:
             break
     if end > head:
         ctx.saved["summarise_over_budget"] = total - current_tokens
+        key = ctx.conversation_key
+        ctx.keep(lambda: ctx.state.crossed.put(key, True))
     return current, end, current_tokens, candidates[-1][0]
 
 
@@ -2950,11 +3023,18 @@ def fit_upstream_window(messages, ctx):
 
 
 def observe_prompt_tokens(ctx, answer, usage):
-    """Answer hook: calibrate the token estimate on DeepSeek's own count of this prompt."""
+    """Answer hook: calibrate the token estimate on DeepSeek's own count of this prompt, and keep
+    that count as the anchor of the conversation's next requests (count_tokens). Only counts of
+    large prompts are kept: a small conversation is far from the budget either way."""
     prompt_tokens = (usage or {}).get("prompt_tokens")
     if prompt_tokens and ctx.tokens_out:
         ctx.estimate_error = (ctx.tokens_out - prompt_tokens) / prompt_tokens
         ctx.state.calibration.observe(ctx.tokens_out, prompt_tokens)
+    if isinstance(prompt_tokens, int) and ctx.sent_messages and not ctx.explain and \
+            prompt_tokens >= ctx.config.SUMMARY_WATERMARK * ctx.config.MAX_CONTEXT / 2:
+        chain = history_chain(ctx.sent_messages, ctx.memo, exact=True)
+        ctx.state.measured.remember(hashlib.sha256(ctx.tools_digest() + chain[-1]).hexdigest(),
+                                    {"prompt_tokens": prompt_tokens})
 
 
 # -- The pipeline: the order of work --------------------------------------------------------------------
@@ -3278,6 +3358,7 @@ def prepare(body, state, client_body=None):
     ctx = RequestContext(body, state)
     ctx.tokens_in = ctx.prompt_tokens(body["messages"])
     messages = run_pipeline(body["messages"], ctx)
+    ctx.sent_messages = messages
     ctx.tokens_out = ctx.prompt_tokens(messages)
     return Prepared(body, ctx, build_upstream_body(body, messages, ctx.thinking, ctx.config, ctx.notes),
                     client_body)
@@ -5284,7 +5365,10 @@ class ProxyState:
         self.warn = DiskWarnings()
         self.reasoning = ReasoningCache(config.MAX_CACHE_SIZE, config.MAX_CACHE_BYTES, path("reasoning_cache.jsonl", config.PERSIST_REASONING),
                                         self.warn)
-        self.summaries = SummaryCache(config.SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", config.PERSIST_SUMMARIES), self.warn)
+        self.summaries = KeyedCache(config.SUMMARY_CACHE_SIZE, path("summary_cache.jsonl", config.PERSIST_SUMMARIES), self.warn)
+        # DeepSeek's prompt_tokens by the exact history sent (and the tools): the token budget's anchor
+        self.measured = KeyedCache(config.MEASURED_COUNTS, path("measured_counts.jsonl", config.PERSIST_SUMMARIES),
+                                   self.warn)
         self.system_prompts = SystemPromptStore(self)
         self.conversation_summaries = ConversationSummaries(self)
         self.calibration = TokenCalibration()
@@ -5296,6 +5380,7 @@ class ProxyState:
         self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
         self.shutting_down = False  # set when the shutdown grace is over: answers still open get an error
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
+        self.crossed = LRU(4096)  # conversations that were summarised: their summaries keep applying
         self.stores = {stage.name: stage.store(self) for stage in PIPELINE if stage.store}  # what stages keep
 
     def message_json(self, message):
@@ -5317,6 +5402,7 @@ class ProxyState:
         """Read what earlier runs left. Folders are made when something is first written to them."""
         self.reasoning.load()
         self.summaries.load()
+        self.measured.load()
         if self.stats_path:
             self.stats.load(self.stats_path)
         return self
@@ -5328,7 +5414,7 @@ class ProxyState:
         self.flush()
 
     def flush(self):
-        for jsonl in (self.reasoning.file, self.summaries.file):
+        for jsonl in (self.reasoning.file, self.summaries.file, self.measured.file):
             if jsonl:
                 jsonl.flush()
         self.dumps.flush()

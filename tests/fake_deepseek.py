@@ -83,7 +83,11 @@ def summary_answer(body):
                       reasoning="Summarising.")
     source = json.dumps(body["messages"][:-1], sort_keys=True)
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
-    return Answer(content="SUMMARY %s of %d messages." % (digest, len(body["messages"]) - 1),
+    texts = [m.get("content") if isinstance(m.get("content"), str) else json.dumps(m.get("content"))
+             for m in body["messages"][:-1] if m.get("role") in ("user", "assistant", "tool")]
+    gist = " ".join(" ".join(texts).split())  # like a model's summary: shorter than what it covers, same language
+    return Answer(content="SUMMARY %s of %d messages: %s" % (digest, len(body["messages"]) - 1,
+                                                               gist[:max(200, int(len(gist) * SUMMARY_RATIO[0]) // 4)]),
                   reasoning="Summarising.")
 
 
