@@ -55,6 +55,7 @@ import http.server
 import ipaddress
 import itertools
 import json
+import math
 import logging
 import os
 import queue
@@ -132,6 +133,7 @@ SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the orig
 SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summary call
 MAX_SYSTEM_PROMPTS = 200  # summaries kept in post_sys/ (and originals in pre_sys/); the oldest are removed
 SYSTEM_SUMMARIES_PER_HOUR = 20  # new system-prompt summary calls per hour; beyond it prompts go unsummarised
+SYSTEM_PAYBACK = True  # summarise a prompt only once seen as often as its summary takes to pay back
 PROXY_CALLS_PER_HOUR = 60  # paid calls the proxy makes on its own per hour, all summaries together; beyond, none
 
 # -- Conversation summarisation
@@ -2545,6 +2547,28 @@ SYSTEM_SUMMARY_PROMPT = (
 SYSTEM_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.txt$")
 
 
+SUMMARY_SHARE = 0.35  # a system-prompt summary's usual length, as a share of the prompt (for the payback estimate)
+
+
+def break_even_uses(config):
+    """Requests a system-prompt summary takes to pay back: its call (the prompt, a cache miss, and
+    the summary written out) over what each use saves (the removed tokens, which would have been
+    cache hits, since a system prompt leads every request). The same for any prompt length."""
+    cost = config.PRICE_INPUT_CACHE_MISS + SUMMARY_SHARE * config.PRICE_OUTPUT
+    saving = (1 - SUMMARY_SHARE) * config.PRICE_INPUT_CACHE_HIT
+    return cost / saving if saving > 0 else float("inf")
+
+
+def summary_ledger(config, text, summary):
+    """What one system-prompt summary cost (estimated from its length) and saves per use."""
+    original, short = estimate_tokens(text), estimate_tokens(summary)
+    cost = (original * config.PRICE_INPUT_CACHE_MISS + short * config.PRICE_OUTPUT) / 1e6
+    saving = max(0, original - short) * config.PRICE_INPUT_CACHE_HIT / 1e6
+    return {"chars": len(text), "summary_chars": len(summary), "cost_usd": round(cost, 6),
+            "saving_per_use_usd": round(saving, 8), "uses": 0, "returned_usd": 0.0,
+            "break_even_uses": math.ceil(cost / saving) if saving else None}
+
+
 class SystemPromptStore:
     """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
     (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
@@ -2564,6 +2588,7 @@ class SystemPromptStore:
         self.flight = SingleFlight("system prompt", 60.0)
         self.recent_calls = collections.deque()  # monotonic times of summary calls in the last hour
         self.capped = LRU(1024)  # digests already reported as over the hourly cap
+        self.ledger = LRU(256)  # digest -> what its summary cost and returned (summary_ledger)
         self._lock = threading.Lock()
 
     def lookup(self, text, explain=False):
@@ -2575,7 +2600,7 @@ class SystemPromptStore:
             return found
         count = (self.seen.get(digest) or 0) + 1
         self.seen.put(digest, count)
-        if count < self.state.config.SYSTEM_MIN_SEEN or not self._within_hourly_cap(digest):
+        if count < self.required_sightings() or not self._within_hourly_cap(digest):
             return None
         status, done = self.flight.begin(digest)
         if status == "run":
@@ -2585,6 +2610,29 @@ class SystemPromptStore:
             done.wait(self.state.config.SYSTEM_WAIT)
             return self._stored(digest)
         return None
+
+    def required_sightings(self):
+        """How many requests must carry a prompt before its summary is paid for: SYSTEM_MIN_SEEN,
+        and with SYSTEM_PAYBACK the uses it takes to pay back. A prompt seen n times is expected to
+        come n times more (the longer a prompt has recurred, the longer it goes on), so it is
+        summarised once n reaches the break-even number of uses."""
+        config = self.state.config
+        return max(config.SYSTEM_MIN_SEEN, math.ceil(break_even_uses(config)) if config.SYSTEM_PAYBACK else 0)
+
+    def record_use(self, text, summary):
+        """A request sent `summary` for `text`: its share of what the summary returns (/stats)."""
+        digest = sha256_text(text)
+        entry = self.ledger.get(digest)
+        if entry is None:
+            entry = summary_ledger(self.state.config, text, summary)
+            self.ledger.put(digest, entry)
+        with self._lock:
+            entry["uses"] += 1
+            entry["returned_usd"] = round(entry["uses"] * entry["saving_per_use_usd"], 6)
+
+    def report(self):
+        """Each summary in use: its cost, what it returned so far, and its break-even."""
+        return [dict(entry, digest=digest[:12]) for digest, entry in self.ledger.items()]
 
     def _within_hourly_cap(self, digest):
         now = time.monotonic()
@@ -2703,6 +2751,8 @@ def compress_system_prompt(messages, ctx):
             if len(text) >= ctx.config.SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
                 summary = ctx.state.system_prompts.lookup(text, ctx.explain)
                 if summary is not None and summary != text:
+                    if not ctx.explain:
+                        ctx.state.system_prompts.record_use(text, summary)
                     ctx.removed("compress_system_prompt", text, summary)
                     ctx.notes.append("system %d->%d chars" % (len(text), len(summary)))
                     message = dict(message, content=summary)
@@ -4406,11 +4456,13 @@ def explain(body, state, front=None):
                          for index in changed[:3] if len(before) == len(messages)]})
     ctx.tokens_out = ctx.prompt_tokens(messages)
     budget = state.config.SUMMARY_RATIO * state.config.MAX_CONTEXT
+    count, measured = budget_count(chat_body["messages"], ctx)
     return {"front": front.__name__.replace("Front", "").lower(), "notes": exchange.notes + ctx.notes,
             "tokens_in_estimate": ctx.tokens_in, "tokens_out_estimate": ctx.tokens_out,
             "budget": {"tokens": int(budget), "watermark": int(state.config.SUMMARY_WATERMARK * state.config.MAX_CONTEXT),
-                       "decision": "over the budget" if ctx.tokens_in >= budget else
-                       "past the watermark" if ctx.tokens_in >= state.config.SUMMARY_WATERMARK * state.config.MAX_CONTEXT else "under the budget"},
+                       "count": count, "count_is": "measured" if measured else "estimated, less its margin",
+                       "decision": "over the budget" if count >= budget else
+                       "past the watermark" if count >= state.config.SUMMARY_WATERMARK * state.config.MAX_CONTEXT else "under the budget"},
             "stages": report, "would_send": build_upstream_body(chat_body, messages, ctx.thinking, ctx.config)}
 
 
@@ -4522,6 +4574,11 @@ class Stats:
                             "unmeasured": t["summary_unmeasured_calls"]},
             "reasoning": {"restored": t["reasoning_restored"], "filled_empty": t["reasoning_filled_empty"],
                           "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
+            "system_prompt_summaries": {
+                "break_even_uses": round(break_even_uses(self.config), 1),
+                "rule": "a prompt is summarised once seen %d times: a summary pays back after about that many "
+                        "uses, so the first session pays for the next ones" % state.system_prompts.required_sightings(),
+                "summaries": state.system_prompts.report()},
             "caches": dict({"summaries": len(state.summaries.entries), "responses": len(state.responses.items)},
                            **{key: value for stage in PIPELINE if stage.stats and stage.name in state.stores
                               for key, value in stage.stats(state.stores[stage.name]).items()}),
@@ -4586,6 +4643,7 @@ th{color:#5f6675;font-weight:600;border-bottom:1px solid #e3e5ea}td.notes{white-
 <div class="panel"><h2>Prompt tokens per minute</h2><svg id="tokens"></svg>
 <div class="legend muted"><i style="background:#2a9d6f"></i>cache hit<i style="background:#d84b3b"></i>cache miss<i style="background:#9aa0b0"></i>removed by the pipeline (estimate)</div></div>
 <div class="panel"><h2>Savings by stage (estimate: removed tokens priced as cache hits, a lower bound)</h2><table id="stages"></table></div>
+<div class="panel"><h2>System-prompt summaries: what each cost and has returned</h2><small id="payback" class="muted"></small><table id="sysprompts"></table></div>
 <div class="panel"><h2>Recent requests</h2><table id="recent"></table></div>
 <script>
 function num(n,d){return n==null?"-":Number(n).toLocaleString(undefined,{maximumFractionDigits:d||0})}
@@ -4624,6 +4682,8 @@ function refresh(){get("stats").then(function(r){if(r.status==401){if(!ASKED){AS
   chart(document.getElementById("tokens"),s.per_minute,[{key:"cache_hit_tokens",label:"cache hit",color:"#2a9d6f"},{key:"cache_miss_tokens",label:"cache miss",color:"#d84b3b"},{key:"removed_tokens_estimate",label:"removed",color:"#9aa0b0"}],"tokens");
   var names=Object.keys(sv.by_stage);
   document.getElementById("stages").innerHTML=names.length?"<tr><th>stage</th><th class=num>tokens removed</th><th class=num>saved</th></tr>"+names.map(function(k){return "<tr><td>"+esc(k)+"</td><td class=num>"+num(sv.by_stage[k].tokens_estimate)+"</td><td class=num>"+usd(sv.by_stage[k].usd_estimate)+"</td></tr>"}).join("")+"<tr><td>the proxy's own calls</td><td></td><td class=num>-"+usd(sv.proxy_calls_usd)+"</td></tr>":"<tr><td class=muted>nothing removed yet</td></tr>";
+  var sp=s.system_prompt_summaries||{summaries:[]};document.getElementById("payback").textContent=sp.rule||"";
+  document.getElementById("sysprompts").innerHTML=sp.summaries.length?"<tr><th>prompt</th><th class=num>chars &rarr; summary</th><th class=num>cost (est.)</th><th class=num>uses</th><th class=num>returned (est.)</th><th class=num>break-even</th></tr>"+sp.summaries.map(function(x){return "<tr><td>"+esc(x.digest)+"</td><td class=num>"+num(x.chars)+" &rarr; "+num(x.summary_chars)+"</td><td class=num>"+usd(x.cost_usd)+"</td><td class=num>"+num(x.uses)+"</td><td class=num>"+usd(x.returned_usd)+"</td><td class=num>"+(x.break_even_uses==null?"-":num(x.break_even_uses)+" uses")+"</td></tr>"}).join(""):"<tr><td class=muted>none yet</td></tr>";
   document.getElementById("recent").innerHTML="<tr><th>time</th><th>model asked</th><th class=num>msgs</th><th class=num>tokens in &rarr; out (est.)</th><th class=num>prompt</th><th class=num>cache hit</th><th class=num>cost</th><th>status</th><th>removed by stage</th><th>notes</th></tr>"+
     s.recent.slice().reverse().map(function(q){var rm=Object.keys(q.removed_by_stage).map(function(k){return esc(k)+" "+num(q.removed_by_stage[k])}).join(", ");
       var notes=esc((q.notes||[]).join("; ")+(q.error?" "+q.error:""))+(q.dump?' <a href="#" onclick="return dump(\\'pre_msg/'+esc(q.dump)+'\\')">sent</a> <a href="#" onclick="return dump(\\'post_msg/'+esc(q.dump)+'\\')">forwarded</a>':"");
@@ -4697,6 +4757,7 @@ def record(state, prepared, outcome, route):
         "prompt_tokens": usage.get("prompt_tokens"), "cache_hit_tokens": usage.get("prompt_cache_hit_tokens"),
         "completion_tokens": usage.get("completion_tokens"), "cost_usd": round(usage_cost(usage, state.config), 6),
         "removed_by_stage": {stage: tokens for stage, tokens in ctx.saved.items() if tokens},
+        "budget_count": "measured" if ctx.count_measured else "estimated",
         "reasoning_restored": ctx.reasoning_restored, "notes": ctx.notes[:10], "error": outcome.error,
         "dump": dump})
     saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)

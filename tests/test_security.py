@@ -208,7 +208,7 @@ class BoundedResources(ProxyTestCase):
 
 
 class SystemPromptSpend(ProxyTestCase):
-    proxy_args = ("--system-min-chars", "1000", "--system-wait", "5", "--system-summaries-per-hour", "2",
+    proxy_args = ("--system-min-chars", "1000", "--no-system-payback", "--system-wait", "5", "--system-summaries-per-hour", "2",
                   "--max-system-prompts", "2")
 
     def summary_calls(self):

@@ -89,7 +89,7 @@ class Stats(ProxyTestCase):
 
 
 class SummaryAccounting(ProxyTestCase):
-    proxy_args = ("--system-min-seen", "1", "--system-min-chars", "2000", "--system-wait", "10")
+    proxy_args = ("--system-min-seen", "1", "--no-system-payback", "--system-min-chars", "2000", "--system-wait", "10")
 
     def test_summary_calls_are_kept_apart(self):
         self.proxy.chat({"model": "x", "messages": [{"role": "system", "content": LONG_SYSTEM},

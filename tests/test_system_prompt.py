@@ -19,7 +19,7 @@ def body(system=LONG_SYSTEM, question="Hello"):
 
 
 class SystemPromptCompression(ProxyTestCase):
-    proxy_args = ("--compress-system", "--system-min-seen", "1", "--system-min-chars", "2000", "--system-wait", "10")
+    proxy_args = ("--compress-system", "--system-min-seen", "1", "--no-system-payback", "--system-min-chars", "2000", "--system-wait", "10")
 
     def setUp(self):
         super().setUp()
@@ -112,7 +112,7 @@ class SystemPromptCompression(ProxyTestCase):
 
 
 class BackgroundMode(ProxyTestCase):
-    proxy_args = ("--compress-system", "--system-min-seen", "1", "--system-min-chars", "2000")
+    proxy_args = ("--compress-system", "--system-min-seen", "1", "--no-system-payback", "--system-min-chars", "2000")
 
     def test_first_request_goes_with_the_original_and_the_next_with_the_summary(self):
         self.proxy.chat(body())
@@ -125,7 +125,7 @@ class BackgroundMode(ProxyTestCase):
 
 
 class UnwritableDataDir(ProxyTestCase):
-    proxy_args = ("--compress-system", "--system-min-seen", "1", "--system-min-chars", "2000", "--system-wait", "10")
+    proxy_args = ("--compress-system", "--system-min-seen", "1", "--no-system-payback", "--system-min-chars", "2000", "--system-wait", "10")
 
     def start_proxy(self, args=None, **kwargs):
         for folder in ("pre_sys", "post_sys"):  # a file where the folder should be: every write fails
