@@ -2569,6 +2569,7 @@ SYSTEM_FILE_NAME = re.compile(r"^[0-9a-f]{64}\.txt$")
 
 
 SUMMARY_SHARE = 0.35  # a system-prompt summary's usual length, as a share of the prompt (for the payback estimate)
+RECURRENCE = 4  # uses expected to come per use seen so far, for a system prompt (see required_sightings)
 
 
 def break_even_uses(config):
@@ -2634,11 +2635,13 @@ class SystemPromptStore:
 
     def required_sightings(self):
         """How many requests must carry a prompt before its summary is paid for: SYSTEM_MIN_SEEN,
-        and with SYSTEM_PAYBACK the uses it takes to pay back. A prompt seen n times is expected to
-        come n times more (the longer a prompt has recurred, the longer it goes on), so it is
-        summarised once n reaches the break-even number of uses."""
+        and with SYSTEM_PAYBACK enough that the uses still to come are expected to repay it. A prompt
+        seen n times is expected to come RECURRENCE x n times more: an agent's system prompt leads
+        every request of a session (dozens) and comes back in its next sessions, where post_sys/
+        still holds the summary. So it is summarised once n x RECURRENCE reaches the break-even."""
         config = self.state.config
-        return max(config.SYSTEM_MIN_SEEN, math.ceil(break_even_uses(config)) if config.SYSTEM_PAYBACK else 0)
+        needed = math.ceil(break_even_uses(config) / RECURRENCE) if config.SYSTEM_PAYBACK else 0
+        return max(config.SYSTEM_MIN_SEEN, needed)
 
     def record_use(self, text, summary):
         """A request sent `summary` for `text`: its share of what the summary returns (/stats)."""
@@ -4597,8 +4600,9 @@ class Stats:
                           "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
             "system_prompt_summaries": {
                 "break_even_uses": round(break_even_uses(self.config), 1),
-                "rule": "a prompt is summarised once seen %d times: a summary pays back after about that many "
-                        "uses, so the first session pays for the next ones" % state.system_prompts.required_sightings(),
+                "rule": "a prompt is summarised once seen %d times; a summary pays back after about %d uses, so "
+                        "the first session pays for the next ones" % (state.system_prompts.required_sightings(),
+                                                                       math.ceil(break_even_uses(self.config))),
                 "summaries": state.system_prompts.report()},
             "caches": dict({"summaries": len(state.summaries.entries), "responses": len(state.responses.items)},
                            **{key: value for stage in PIPELINE if stage.stats and stage.name in state.stores

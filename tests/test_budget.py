@@ -152,8 +152,8 @@ class SystemPromptPayback(ProxyTestCase):
 
     def test_a_prompt_is_summarised_once_it_has_recurred_as_often_as_the_summary_takes_to_pay_back(self):
         needed = self.proxy.state.system_prompts.required_sightings()
-        expected = (0.14 + 0.35 * 0.28) / (0.65 * 0.028)  # miss + summary written out, over cache hits saved
-        self.assertEqual(needed, int(expected) + 1)
+        break_even = (0.14 + 0.35 * 0.28) / (0.65 * 0.028)  # miss + summary written out, over cache hits saved
+        self.assertEqual(needed, -(-int(break_even + 1) // dp.RECURRENCE))
         system = "You are a careful coding agent; follow the repository's conventions and run its tests. " * 60
         for number in range(needed - 1):
             self.proxy.chat({"model": "x", "messages": [{"role": "system", "content": system},
