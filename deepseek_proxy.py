@@ -41,6 +41,7 @@ Standard library only. License: MIT.
 import argparse
 import base64
 import bisect
+import calendar
 import collections
 import difflib
 import email.utils
@@ -172,6 +173,7 @@ PRICE_OUTPUT = 0.28  # USD per 1M completion tokens (reasoning included)
 HOST = "127.0.0.1"  # address to listen on; anything but loopback needs --proxy-key or --allow-open
 PORT = 8000  # port to listen on (0: any free port, printed at start)
 PROXY_KEY = ""  # bearer key clients must send (env PROXY_API_KEY keeps it out of ps); empty: any key
+KEYS_FILE = ""  # JSON file of named keys (SHA-256 only) with budgets, re-read when it changes (see --add-key)
 ALLOW_OPEN = False  # allow a non-loopback HOST without PROXY_KEY
 ALLOWED_HOSTS = []  # more Host names the proxy answers to besides loopback and HOST (repeatable)
 ALLOW_ORIGINS = []  # web origins allowed to call the proxy, with CORS headers (repeatable; none by default)
@@ -186,7 +188,8 @@ LOG_LEVEL = "INFO"  # DEBUG | INFO | WARNING | ERROR
 
 # -- End of the flag block.
 
-FLAG_NAMES = {"DEEPSEEK_BASE": "upstream", "ALLOWED_HOSTS": "allowed-host", "ALLOW_ORIGINS": "allow-origin"}
+FLAG_NAMES = {"DEEPSEEK_BASE": "upstream", "ALLOWED_HOSTS": "allowed-host", "ALLOW_ORIGINS": "allow-origin",
+              "KEYS_FILE": "keys"}
 CHOICES = {
     "THINKING_MODE": ("enabled", "disabled", "auto"),
     "REASONING_EFFORT": ("", "low", "high", "max"),
@@ -325,6 +328,9 @@ def parse_args(argv=None, environ=None):
     parser.add_argument("--explain", metavar="REQUEST.json",
                         help="run the pipeline on a saved request (a chat body or a pre_msg/ dump) without a key or "
                              "any call to DeepSeek, print what would be sent and what each stage did, and exit")
+    parser.add_argument("--add-key", metavar="NAME",
+                        help="make a new random key for NAME, store only its SHA-256 in the --keys file (default: "
+                             "keys.json in the data folder), print the key once, and exit")
     parser.add_argument("--check", action="store_true",
                         help="make a few small real calls to check what the proxy relies on (key, model, thinking "
                              "with tools, prefix cache, usage), print one line each, and exit")
@@ -1428,7 +1434,7 @@ def call_deepseek_json(state, payload, retries, base_sleep, timeout=None):
         return json.loads(response.read(state.config.MAX_UPSTREAM_EVENT_BYTES).decode("utf-8"))
 
 
-def request_summary(state, messages, max_tokens, tools=None, thinking=False):
+def request_summary(state, messages, max_tokens, tools=None, thinking=False, user=None):
     """The proxy's own summarisation call: SUMMARY_MODEL, not streamed, SUMMARISE_MAX_RETRIES
     attempts on 429/5xx/timeouts with SUMMARISE_RETRY_BASE_SLEEP doubling. With tools, they are
     sent as the conversation had them (the cached prefix includes them) and tool_choice is none.
@@ -1438,7 +1444,7 @@ def request_summary(state, messages, max_tokens, tools=None, thinking=False):
     if tools:
         payload["tools"], payload["tool_choice"] = tools, "none"
     answer = call_deepseek_json(state, payload, state.config.SUMMARISE_MAX_RETRIES - 1, state.config.SUMMARISE_RETRY_BASE_SLEEP)
-    state.stats.record_summary(answer.get("usage"))
+    state.stats.record_summary(answer.get("usage"), user)
     choice = (answer.get("choices") or [{}])[0]
     text = ((choice.get("message") or {}).get("content") or "").strip()
     if not text or choice.get("finish_reason") not in (None, "stop"):
@@ -1563,9 +1569,12 @@ class RequestContext:
     identifies its first k messages (a SHA-256 chain over what survives a client's echo of a
     message), so anything keyed by it can only be found again inside the same conversation."""
 
-    def __init__(self, body, state, explain=False):
+    def __init__(self, body, state, explain=False, user=None):
         self.state = state
         self.explain = explain  # explain mode: no call to DeepSeek, no memory changed
+        self.user = user  # the team key's name (--keys), or None
+        # every chain starts from the key's name: what one person's conversations keep is never found by another's
+        self.seed = hashlib.sha256(b"user\x00" + user.encode("utf-8")).digest() if user else b""
         # memo(function, text): the state's per-text memo, which explain only reads
         self.memo = functools.partial(state.memo, store=False) if explain else state.memo
         self.request_id = uuid.uuid4().hex[:12]
@@ -1595,7 +1604,7 @@ class RequestContext:
     @property
     def chain(self):
         if self._chain is None:
-            self._chain = history_chain(self.normalised or [], self.memo)
+            self._chain = history_chain(self.normalised or [], self.memo, seed=self.seed)
         return self._chain
 
     @property
@@ -1646,7 +1655,7 @@ class RequestContext:
         conversation's earlier request sent a prefix of them (its usage.prompt_tokens, kept by
         remember_prompt_count), plus the estimate of what is new; the estimate alone otherwise (a
         conversation's first request, another instance, an evicted count)."""
-        chain = history_chain(messages, self.memo, exact=True)
+        chain = history_chain(messages, self.memo, exact=True, seed=self.seed)
         tools = self.tools_digest()
         for length in range(len(messages), 0, -1):
             found = self.state.measured.recall(hashlib.sha256(tools + chain[length]).hexdigest())
@@ -1693,9 +1702,10 @@ def message_digest(message, memo=None, exact=False):
     return hashlib.sha256(record.encode("utf-8", "surrogatepass")).digest()
 
 
-def history_chain(messages, memo=None, exact=False):
-    """chain[k] identifies messages[:k]: chain[k] = SHA-256(chain[k-1] + message_digest(messages[k-1]))."""
-    chain = [b""]
+def history_chain(messages, memo=None, exact=False, seed=b""):
+    """chain[k] identifies messages[:k]: chain[k] = SHA-256(chain[k-1] + message_digest(messages[k-1])).
+    `seed` (chain[0]) sets apart the conversations of different team keys that open alike."""
+    chain = [seed]
     for message in messages:
         chain.append(hashlib.sha256(chain[-1] + message_digest(message, memo, exact)).digest())
     return chain
@@ -1970,7 +1980,7 @@ def keep_ephemeral_blocks(messages, ctx):
             or messages[-2]["role"] != "assistant" or messages[-2].get("tool_calls"):
         return messages
     pair = messages[-3:-1]
-    chain = history_chain(messages[:-3], ctx.memo, exact=True)
+    chain = history_chain(messages[:-3], ctx.memo, exact=True, seed=ctx.seed)
     record, position = None, count - 3
     for position in range(count - 3, 0, -1):
         record = ctx.state.stores["keep_ephemeral_blocks"].get(chain[position])
@@ -2478,7 +2488,7 @@ def dedup_near_duplicates(messages, ctx):
     NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
     again). Cache-safe: the output for a message depends only on the messages before it, which also
     lets the scan resume where the conversation's previous request left it (NearDuplicateScan)."""
-    chain = history_chain(messages, ctx.memo, exact=True)
+    chain = history_chain(messages, ctx.memo, exact=True, seed=ctx.seed)
     scan, start = None, 0
     for start in range(len(messages), 0, -1) if not ctx.explain else ():
         scan = ctx.state.stores["dedup_near_duplicates"].scans.take(chain[start])
@@ -2613,7 +2623,7 @@ class SystemPromptStore:
         self.ledger = LRU(256)  # digest -> what its summary cost and returned (summary_ledger)
         self._lock = threading.Lock()
 
-    def lookup(self, text, explain=False):
+    def lookup(self, text, explain=False, user=None):
         """The text to send for this system prompt: its summary, or None while there is none.
         With explain=True, only what is stored: nothing is counted or started."""
         digest = sha256_text(text)
@@ -2626,7 +2636,7 @@ class SystemPromptStore:
             return None
         status, done = self.flight.begin(digest)
         if status == "run":
-            threading.Thread(target=self._summarise, args=(digest, text, done), daemon=True,
+            threading.Thread(target=self._summarise, args=(digest, text, done, user), daemon=True,
                              name="summarise-system-" + digest[:8]).start()
         if done is not None and self.state.config.SYSTEM_WAIT > 0:
             done.wait(self.state.config.SYSTEM_WAIT)
@@ -2692,14 +2702,14 @@ class SystemPromptStore:
             self.memory.put(digest, (mtime, text))
         return text
 
-    def _summarise(self, digest, text, done):
+    def _summarise(self, digest, text, done, user=None):
         error = None
         try:
             if self.state.config.SAVE_PREPOST_SYSTEM:
                 self._save("pre_sys", digest, text)
             summary = self.state.summarise([
                 {"role": "system", "content": SYSTEM_SUMMARY_PROMPT}, {"role": "user", "content": text}],
-                self.state.config.SYSTEM_SUMMARY_MAX_TOKENS)
+                self.state.config.SYSTEM_SUMMARY_MAX_TOKENS, user=user)
             problem = implausible_summary(text, summary)
             if problem:
                 raise ValueError("the summary is not usable (%s)" % problem)  # backs off, then retries
@@ -2773,7 +2783,7 @@ def compress_system_prompt(messages, ctx):
         if message["role"] == "system":
             text = content_text(message.get("content"))
             if len(text) >= ctx.config.SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
-                summary = ctx.state.system_prompts.lookup(text, ctx.explain)
+                summary = ctx.state.system_prompts.lookup(text, ctx.explain, ctx.user)
                 if summary is not None and summary != text:
                     if not ctx.explain:
                         ctx.state.system_prompts.record_use(text, summary)
@@ -2908,7 +2918,7 @@ class ConversationSummaries:
             # tools, thinking and reasoning), then one instruction; tool_choice none so it answers.
             messages = prefix + [{"role": "user", "content": CONVERSATION_SUMMARY_PROMPT}]
             summary = self.state.summarise(messages, self.state.config.SUMMARY_MAX_TOKENS * (3 if ctx.thinking else 1),
-                                           tools=ctx.tools, thinking=ctx.thinking)
+                                           tools=ctx.tools, thinking=ctx.thinking, user=ctx.user)
             replaced = "\n".join(content_text(message.get("content")) for message in prefix[plan.head:plan.end])
             problem = implausible_summary(replaced, summary)
             if problem:
@@ -2948,9 +2958,10 @@ def conversation_head(messages):
     return head
 
 
-def prefix_fingerprints(messages):
-    """fingerprints[k] identifies messages[:k] exactly (a SHA-256 chain, each message hashed once)."""
-    chain, fingerprints = b"", [b""]
+def prefix_fingerprints(messages, seed=b""):
+    """fingerprints[k] identifies messages[:k] exactly (a SHA-256 chain, each message hashed once),
+    within one team key's conversations (`seed`)."""
+    chain, fingerprints = seed, [seed]
     for message in messages:
         encoded = json.dumps(message, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
         chain = hashlib.sha256(chain + hashlib.sha256(encoded).digest()).digest()
@@ -2994,7 +3005,7 @@ def summarise_over_budget(messages, ctx):
     if total < watermark and not crossed:
         return messages
     head = conversation_head(messages)
-    fingerprints = prefix_fingerprints(messages)
+    fingerprints = prefix_fingerprints(messages, ctx.seed)
     current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
     if current_tokens >= budget and ctx.state.conversation_summaries.wait_for(ctx.conversation_key):
         current, done_until, current_tokens, newest = choose_summary(messages, ctx, head, fingerprints, budget)
@@ -3106,7 +3117,7 @@ def observe_prompt_tokens(ctx, answer, usage):
         ctx.state.calibration.observe(ctx.tokens_out, prompt_tokens)
     if isinstance(prompt_tokens, int) and ctx.sent_messages and not ctx.explain and \
             prompt_tokens >= ctx.config.SUMMARY_WATERMARK * ctx.config.MAX_CONTEXT / 2:
-        chain = history_chain(ctx.sent_messages, ctx.memo, exact=True)
+        chain = history_chain(ctx.sent_messages, ctx.memo, exact=True, seed=ctx.seed)
         ctx.state.measured.remember(hashlib.sha256(ctx.tools_digest() + chain[-1]).hexdigest(),
                                     {"prompt_tokens": prompt_tokens})
 
@@ -3425,11 +3436,12 @@ def run_pipeline(messages, ctx):
     return messages
 
 
-def prepare(body, state, client_body=None):
+def prepare(body, state, client_body=None, user=None):
     """Validate a chat body and rewrite it for DeepSeek. Raises ClientError for bad input.
-    `client_body` is what the client sent when a front translated it (kept for dumps and /stats)."""
+    `client_body` is what the client sent when a front translated it (kept for dumps and /stats);
+    `user`, the team key's name (its conversations are kept apart, its spend counted)."""
     validate_chat_request(body)
-    ctx = RequestContext(body, state)
+    ctx = RequestContext(body, state, user=user)
     ctx.tokens_in = ctx.prompt_tokens(body["messages"])
     messages = run_pipeline(body["messages"], ctx)
     ctx.sent_messages = messages
@@ -3755,7 +3767,7 @@ class Exchange:
 class ChatExchange(Exchange):
     """The OpenAI chat-completions front: the identity. DeepSeek's bytes go back unchanged."""
 
-    def __init__(self, body, state):
+    def __init__(self, body, state, user=None):
         self.chat_body, self.notes = body, []
 
     def answer(self, raw, answer, collector):
@@ -3914,7 +3926,7 @@ def anthropic_assistant(blocks, index, state):
 class AnthropicExchange(Exchange):
     """One Messages request: DeepSeek's answer as Anthropic content blocks and events."""
 
-    def __init__(self, body, state):
+    def __init__(self, body, state, user=None):
         self.state = state
         self.chat_body, self.notes = anthropic_to_chat(body, state)
         self.model = body.get("model") if isinstance(body.get("model"), str) else state.config.DEFAULT_MODEL
@@ -4148,7 +4160,7 @@ class ResponsesTools:
         return item
 
 
-def responses_to_chat(body, state, tools, notes):
+def responses_to_chat(body, state, tools, notes, user=None):
     """The chat messages for a Responses request: instructions, the stored history of
     previous_response_id, then the input items."""
     messages = []
@@ -4160,6 +4172,8 @@ def responses_to_chat(body, state, tools, notes):
     history = []
     if previous is not None:
         stored = state.responses.get(previous) if isinstance(previous, str) else None
+        if stored is not None and stored.get("owner") != user:
+            stored = None  # another team key's response: as if it did not exist
         if stored is None:
             raise ClientError(400, "Previous response with id '%s' not found." % str(previous)[:100],
                               "previous_response_not_found")
@@ -4219,12 +4233,12 @@ def responses_to_chat(body, state, tools, notes):
 class ResponsesExchange(Exchange):
     """One Responses request: DeepSeek's answer as output items and response.* events."""
 
-    def __init__(self, body, state):
+    def __init__(self, body, state, user=None):
         check_request(body, RESPONSES_REQUEST)
-        self.state, self.body, self.notes = state, body, []
+        self.state, self.body, self.notes, self.user = state, body, [], user
         self.expanded_bytes = state.responses.size_of(body.get("previous_response_id"))
         self.tools = ResponsesTools(body.get("tools"), self.notes)
-        instructions, self.history = responses_to_chat(body, state, self.tools, self.notes)
+        instructions, self.history = responses_to_chat(body, state, self.tools, self.notes, user)
         require(instructions or self.history, "'input' must not be empty.")
         self.chat_body = {"model": state.config.DEFAULT_MODEL, "messages": instructions + self.history,
                           "stream": bool(body.get("stream"))}
@@ -4433,7 +4447,8 @@ class ResponsesExchange(Exchange):
         if outcome.status != 200 or self.body.get("store") is False or not hasattr(self, "final"):
             return
         answer = collector.message()
-        self.state.responses.put(self.id, {"history": self.history + [answer], "response": self.final})
+        self.state.responses.put(self.id, {"history": self.history + [answer], "response": self.final,
+                                           "owner": self.user})
 
 
 class ResponsesFront(Front):
@@ -4495,6 +4510,91 @@ def explain(body, state, front=None):
 # message dumps, and the self-contained dashboard page.
 # =====================================================================================================
 
+FRONT_NAMES = ("chat", "anthropic", "responses")
+
+
+class TeamKeys:
+    """--keys FILE: named keys, each stored as the SHA-256 of the key only, with optional budgets
+    (USD per day, per month, UTC) and the fronts it may use:
+        {"keys": [{"name": "ana", "sha256": "<hex>", "usd_per_day": 5, "usd_per_month": 50,
+                   "fronts": ["chat", "anthropic", "responses"]}]}
+    The file is re-read when it changes, so adding or revoking a person needs no restart. A file that
+    does not parse keeps the last good set (one warning): an editing mistake locks nobody out."""
+
+    def __init__(self, path):
+        self.path, self.mtime, self.entries, self.checked = path, None, {}, 0.0
+        self._lock = threading.Lock()
+
+    def lookup(self, key):
+        """The entry of a key (its name, budgets, fronts), or None."""
+        if not key:
+            return None
+        self.refresh()
+        return self.entries.get(hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest())
+
+    def refresh(self):
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime == self.mtime:
+            return
+        with self._lock:
+            self.mtime = mtime
+            try:
+                entries = parse_keys(read_text(self.path) or '{"keys": []}')
+            except ValueError as error:
+                log.warning("%s: %s; keeping the keys read before", self.path, error)
+                return
+            self.entries = entries
+        log.info("%s: %d named keys", self.path, len(entries))
+
+
+def parse_keys(text):
+    """{sha256: entry} of a keys file's text; ValueError saying what is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ValueError("not JSON (%s)" % error)
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError('expected {"keys": [...]}')
+    entries = {}
+    for number, entry in enumerate(data["keys"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]
+                and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            raise ValueError("keys[%d] needs a name and the 64-hex sha256 of the key" % number)
+        for budget in ("usd_per_day", "usd_per_month"):
+            if entry.get(budget) is not None and not (isinstance(entry[budget], (int, float)) and entry[budget] >= 0):
+                raise ValueError("keys[%d].%s must be a number of USD" % (number, budget))
+        fronts = entry.get("fronts")
+        if fronts is not None and not (isinstance(fronts, list) and set(fronts) <= set(FRONT_NAMES)):
+            raise ValueError("keys[%d].fronts must list some of %s" % (number, ", ".join(FRONT_NAMES)))
+        entries[entry["sha256"]] = entry
+    return entries
+
+
+def add_key(path, name):
+    """--add-key NAME: a new random key for NAME into the keys file (its SHA-256 only); returns the
+    key, which is shown once and stored nowhere."""
+    try:
+        data = json.loads(read_text(path) or '{"keys": []}')
+    except ValueError as error:
+        raise ValueError("%s is not JSON (%s): fix it first" % (path, error))
+    parse_keys(json.dumps(data))
+    if any(entry.get("name") == name for entry in data["keys"]):
+        raise ValueError("%s already has a key named %r: remove it from the file first to replace it" % (path, name))
+    key = "dsp-" + base64.urlsafe_b64encode(os.urandom(24)).decode("ascii").rstrip("=")
+    data["keys"].append({"name": name, "sha256": hashlib.sha256(key.encode("ascii")).hexdigest()})
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    return key
+
+
+def spend_periods(now=None):
+    """("YYYY-MM-DD", "YYYY-MM") of now, UTC: the periods team budgets count in."""
+    moment = time.gmtime(now if now is not None else time.time())
+    return time.strftime("%Y-%m-%d", moment), time.strftime("%Y-%m", moment)
+
+
 class Stats:
     """Running totals from DeepSeek's own usage figures, per model, and a per-minute series.
     A call whose usage is missing counts in `unmeasured_calls`, never as zero tokens."""
@@ -4508,11 +4608,22 @@ class Stats:
         self.per_model = collections.defaultdict(collections.Counter)
         self.series = collections.OrderedDict()  # minute start (epoch seconds) -> Counter
         self.recent = collections.deque(maxlen=50)  # the last requests, for the dashboard
+        self.per_user = collections.defaultdict(collections.Counter)  # team key name -> totals
+        self.user_spend = collections.Counter()  # "name day YYYY-MM-DD" / "name month YYYY-MM" -> USD
+        self.last_seen = {}  # team key name -> epoch seconds
         self._lock = threading.Lock()
 
-    def _add(self, model, values):
+    def _add(self, model, values, user=None):
         minute = int(time.time() // 60 * 60)
         with self._lock:
+            if user is not None:
+                self.per_user[user].update(values)
+                self.last_seen[user] = int(time.time())
+                spent = values.get("cost_usd", 0) + values.get("summary_cost_usd", 0)
+                if spent:
+                    day, month = spend_periods()
+                    self.user_spend["%s\x00day\x00%s" % (user, day)] += spent
+                    self.user_spend["%s\x00month\x00%s" % (user, month)] += spent
             self.totals.update(values)
             self.per_model[model].update(values)
             self.series.setdefault(minute, collections.Counter()).update(values)
@@ -4543,14 +4654,34 @@ class Stats:
             values["saved_by_" + stage] += tokens
         if outcome.upstream_called and not outcome.failed:
             values.update(self.usage_values(outcome.usage, self.config))
-        self._add(self.config.DEFAULT_MODEL, values)
+        self._add(self.config.DEFAULT_MODEL, values, ctx.user)
         if entry is not None:
             self.remember(entry)
 
-    def record_summary(self, usage):
+    def record_summary(self, usage, user=None):
         values = collections.Counter({"summary_requests": 1})
         values.update(self.usage_values(usage, self.config, prefix="summary_"))
-        self._add(self.config.SUMMARY_MODEL or self.config.DEFAULT_MODEL, values)
+        self._add(self.config.SUMMARY_MODEL or self.config.DEFAULT_MODEL, values, user)
+
+    def spent(self, user):
+        """(USD today, USD this month) of a team key: its requests and the proxy's calls for it (UTC)."""
+        day, month = spend_periods()
+        with self._lock:
+            return (self.user_spend["%s\x00day\x00%s" % (user, day)], self.user_spend["%s\x00month\x00%s" % (user, month)])
+
+    def users(self):
+        """/stats `users`: per team key, spend, net saving, requests and last seen."""
+        with self._lock:
+            result = {}
+            for user, totals in self.per_user.items():
+                spent = totals["cost_usd"] + totals["summary_cost_usd"]
+                result[user] = {"requests": totals["requests"], "failed": totals["failed_requests"],
+                                "spent_usd": round(spent, 6),
+                                "net_saving_usd_estimate": round(totals["saved_usd_estimate"] - totals["summary_cost_usd"], 6),
+                                "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_seen.get(user, 0)))}
+        for user in result:
+            result[user]["spent_today_usd"], result[user]["spent_this_month_usd"] = (round(v, 6) for v in self.spent(user))
+        return result
 
     def record_refusal(self, status):
         """A request the proxy answered itself with an error (bad input, a route that does not exist,
@@ -4598,6 +4729,7 @@ class Stats:
                             "unmeasured": t["summary_unmeasured_calls"]},
             "reasoning": {"restored": t["reasoning_restored"], "filled_empty": t["reasoning_filled_empty"],
                           "cache_entries": len(state.reasoning), "cache_conversations": len(state.reasoning.conversations)},
+            "users": self.users(),
             "system_prompt_summaries": {
                 "break_even_uses": round(break_even_uses(self.config), 1),
                 "rule": "a prompt is summarised once seen %d times; a summary pays back after about %d uses, so "
@@ -4620,8 +4752,12 @@ class Stats:
 
     def save(self, path, warn):
         with self._lock:
+            day, month = spend_periods()
             state = {"totals": dict(self.totals), "per_model": {m: dict(v) for m, v in self.per_model.items()},
-                     "series": [[minute, dict(values)] for minute, values in self.series.items()]}
+                     "series": [[minute, dict(values)] for minute, values in self.series.items()],
+                     "per_user": {u: dict(v) for u, v in self.per_user.items()}, "last_seen": dict(self.last_seen),
+                     # only the current periods matter for budgets
+                     "user_spend": {k: v for k, v in self.user_spend.items() if k.endswith((day, month))}}
         try:
             atomic_write(path, json.dumps(state))
         except OSError as error:
@@ -4639,6 +4775,10 @@ class Stats:
                     self.per_model[model].update(values)
                 for minute, values in state["series"]:
                     self.series[int(minute)] = collections.Counter(values)
+                for user, values in state.get("per_user", {}).items():
+                    self.per_user[user].update(values)
+                self.last_seen.update(state.get("last_seen", {}))
+                self.user_spend.update(state.get("user_spend", {}))
         except (ValueError, KeyError, TypeError) as error:
             log.warning("ignoring unreadable %s: %s", path, error)
 
@@ -4668,6 +4808,7 @@ th{color:#5f6675;font-weight:600;border-bottom:1px solid #e3e5ea}td.notes{white-
 <div class="panel"><h2>Prompt tokens per minute</h2><svg id="tokens"></svg>
 <div class="legend muted"><i style="background:#2a9d6f"></i>cache hit<i style="background:#d84b3b"></i>cache miss<i style="background:#9aa0b0"></i>removed by the pipeline (estimate)</div></div>
 <div class="panel"><h2>Savings by stage (estimate: removed tokens priced as cache hits, a lower bound)</h2><table id="stages"></table></div>
+<div class="panel" id="people" style="display:none"><h2>Spend per person (--keys)</h2><table id="users"></table></div>
 <div class="panel"><h2>System-prompt summaries: what each cost and has returned</h2><small id="payback" class="muted"></small><table id="sysprompts"></table></div>
 <div class="panel"><h2>Recent requests</h2><table id="recent"></table></div>
 <script>
@@ -4707,12 +4848,14 @@ function refresh(){get("stats").then(function(r){if(r.status==401){if(!ASKED){AS
   chart(document.getElementById("tokens"),s.per_minute,[{key:"cache_hit_tokens",label:"cache hit",color:"#2a9d6f"},{key:"cache_miss_tokens",label:"cache miss",color:"#d84b3b"},{key:"removed_tokens_estimate",label:"removed",color:"#9aa0b0"}],"tokens");
   var names=Object.keys(sv.by_stage);
   document.getElementById("stages").innerHTML=names.length?"<tr><th>stage</th><th class=num>tokens removed</th><th class=num>saved</th></tr>"+names.map(function(k){return "<tr><td>"+esc(k)+"</td><td class=num>"+num(sv.by_stage[k].tokens_estimate)+"</td><td class=num>"+usd(sv.by_stage[k].usd_estimate)+"</td></tr>"}).join("")+"<tr><td>the proxy's own calls</td><td></td><td class=num>-"+usd(sv.proxy_calls_usd)+"</td></tr>":"<tr><td class=muted>nothing removed yet</td></tr>";
+  var us=s.users||{},un=Object.keys(us).sort();document.getElementById("people").style.display=un.length?"":"none";
+  document.getElementById("users").innerHTML="<tr><th>person</th><th class=num>requests</th><th class=num>spent</th><th class=num>today</th><th class=num>this month</th><th class=num>net saving (est.)</th><th>last seen</th></tr>"+un.map(function(k){var u=us[k];return "<tr><td>"+esc(k)+"</td><td class=num>"+num(u.requests)+"</td><td class=num>"+usd(u.spent_usd)+"</td><td class=num>"+usd(u.spent_today_usd)+"</td><td class=num>"+usd(u.spent_this_month_usd)+"</td><td class=num>"+usd(u.net_saving_usd_estimate)+"</td><td>"+esc(u.last_seen)+"</td></tr>"}).join("");
   var sp=s.system_prompt_summaries||{summaries:[]};document.getElementById("payback").textContent=sp.rule||"";
   document.getElementById("sysprompts").innerHTML=sp.summaries.length?"<tr><th>prompt</th><th class=num>chars &rarr; summary</th><th class=num>cost (est.)</th><th class=num>uses</th><th class=num>returned (est.)</th><th class=num>break-even</th></tr>"+sp.summaries.map(function(x){return "<tr><td>"+esc(x.digest)+"</td><td class=num>"+num(x.chars)+" &rarr; "+num(x.summary_chars)+"</td><td class=num>"+usd(x.cost_usd)+"</td><td class=num>"+num(x.uses)+"</td><td class=num>"+usd(x.returned_usd)+"</td><td class=num>"+(x.break_even_uses==null?"-":num(x.break_even_uses)+" uses")+"</td></tr>"}).join(""):"<tr><td class=muted>none yet</td></tr>";
   document.getElementById("recent").innerHTML="<tr><th>time</th><th>model asked</th><th class=num>msgs</th><th class=num>tokens in &rarr; out (est.)</th><th class=num>prompt</th><th class=num>cache hit</th><th class=num>cost</th><th>status</th><th>removed by stage</th><th>notes</th></tr>"+
     s.recent.slice().reverse().map(function(q){var rm=Object.keys(q.removed_by_stage).map(function(k){return esc(k)+" "+num(q.removed_by_stage[k])}).join(", ");
       var notes=esc((q.notes||[]).join("; ")+(q.error?" "+q.error:""))+(q.dump?' <a href="#" onclick="return dump(\\'pre_msg/'+esc(q.dump)+'\\')">sent</a> <a href="#" onclick="return dump(\\'post_msg/'+esc(q.dump)+'\\')">forwarded</a>':"");
-      return "<tr><td>"+esc(q.time.slice(11))+"</td><td>"+esc(q.model)+"</td><td class=num>"+q.messages+"</td><td class=num>"+num(q.tokens_in_estimate)+" &rarr; "+num(q.tokens_out_estimate)+"</td><td class=num>"+num(q.prompt_tokens)+"</td><td class=num>"+(q.prompt_tokens?pct(q.cache_hit_tokens/q.prompt_tokens):"-")+"</td><td class=num>"+usd(q.cost_usd)+"</td><td>"+q.status+"</td><td>"+(rm||"-")+"</td><td class=notes>"+notes+"</td></tr>"}).join("");
+      return "<tr><td>"+esc(q.time.slice(11))+"</td><td>"+esc(q.model)+(q.user?" <small>("+esc(q.user)+")</small>":"")+"</td><td class=num>"+q.messages+"</td><td class=num>"+num(q.tokens_in_estimate)+" &rarr; "+num(q.tokens_out_estimate)+"</td><td class=num>"+num(q.prompt_tokens)+"</td><td class=num>"+(q.prompt_tokens?pct(q.cache_hit_tokens/q.prompt_tokens):"-")+"</td><td class=num>"+usd(q.cost_usd)+"</td><td>"+q.status+"</td><td>"+(rm||"-")+"</td><td class=notes>"+notes+"</td></tr>"}).join("");
 }).catch(function(e){document.getElementById("meta").textContent="cannot read /stats: "+e})}
 refresh();setInterval(refresh,5000);
 </script></body></html>
@@ -4782,7 +4925,7 @@ def record(state, prepared, outcome, route):
         "prompt_tokens": usage.get("prompt_tokens"), "cache_hit_tokens": usage.get("prompt_cache_hit_tokens"),
         "completion_tokens": usage.get("completion_tokens"), "cost_usd": round(usage_cost(usage, state.config), 6),
         "removed_by_stage": {stage: tokens for stage, tokens in ctx.saved.items() if tokens},
-        "budget_count": "measured" if ctx.count_measured else "estimated",
+        "budget_count": "measured" if ctx.count_measured else "estimated", "user": ctx.user,
         "reasoning_restored": ctx.reasoning_restored, "notes": ctx.notes[:10], "error": outcome.error,
         "dump": dump})
     saved = ",".join("%s=%d" % (stage, tokens) for stage, tokens in ctx.saved.items() if tokens)
@@ -4888,6 +5031,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "deepseek-proxy/" + __version__
 
+    member = None  # the named key (--keys) of the request being answered
+
     def setup(self):
         super().setup()
         # Small writes (headers, then body; each SSE event) must leave at once, not wait for the
@@ -4895,6 +5040,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.state = self.server.state
         self.config = self.state.config
+        self.member = None
         self.deadline = None
         self.reserved = 0
         self.cors_origin = None
@@ -4958,7 +5104,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(200, model_entry(path.rsplit("/", 1)[1], self.config))
         elif path.startswith(tuple(prefix + "/" for prefix in RESPONSES_PATHS)):
             stored = self.state.responses.get(path.rsplit("/", 1)[1])
-            if stored is None:
+            if stored is not None and stored.get("owner") != self.user:
+                stored = None  # only the key that stored it may read it
                 self.send_error_json(404, "No response with id %r is stored." % path.rsplit("/", 1)[1][:100],
                                      "not_found")
             else:
@@ -4972,6 +5119,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_json(200 if self.state.api_key else 503, health)
         elif path in ("/stats", "/v1/stats"):
             self.send_json(200, self.state.stats.snapshot(self.state))
+        elif path.startswith("/dumps/") and self.member:
+            self.send_error_json(403, "Message dumps hold everyone's prompts: only the --proxy-key may read them.",
+                                 "forbidden")
         elif path.startswith(("/dumps/pre_msg/", "/dumps/post_msg/")) and DUMP_FILE_NAME.match(path.rsplit("/", 1)[1]):
             text = read_text(os.path.join(self.state.data_dir, path.split("/")[2], path.rsplit("/", 1)[1]))
             if text is None:
@@ -5099,25 +5249,58 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             path.startswith(tuple(prefix + "/" for prefix in MODEL_PATHS))
 
     def check_proxy_key(self):
-        """With --proxy-key, the client must send it: as a bearer token, or as x-api-key (Anthropic)."""
+        """Who is asking: with --keys, a named key (its entry is self.member); with --proxy-key, that
+        key (anonymous). Sent as a bearer token, or as x-api-key (Anthropic). With neither flag,
+        anyone who can reach the proxy."""
         given = bearer_token(self.headers.get("Authorization")) or (self.headers.get("x-api-key") or "").strip()
-        if self.config.PROXY_KEY and not hmac_equal(given, self.config.PROXY_KEY):
+        self.member = self.state.keys.lookup(given) if self.state.keys else None
+        if self.member is not None:
+            return
+        if self.config.PROXY_KEY and hmac_equal(given, self.config.PROXY_KEY):
+            return
+        if self.config.PROXY_KEY or self.state.keys:
             self.discard_body()
-            raise ClientError(401, "Invalid proxy key: send the key set with --proxy-key as the bearer token.",
-                              "invalid_api_key")
+            raise ClientError(401, "Invalid proxy key: send your key (--keys) or the key set with --proxy-key as "
+                                   "the bearer token.", "invalid_api_key")
+
+    @property
+    def user(self):
+        return self.member["name"] if self.member else None
+
+    def check_member(self, front):
+        """A named key may use only its fronts, and nothing past its budgets (429, with when it resets)."""
+        if not self.member:
+            return
+        name = front.__name__.replace("Front", "").lower()
+        if self.member.get("fronts") is not None and name not in self.member["fronts"]:
+            raise ClientError(403, "The key of %s may not use the %s API (its fronts: %s)." % (
+                self.user, name, ", ".join(self.member["fronts"]) or "none"), "front_not_allowed")
+        today, month = self.state.stats.spent(self.user)
+        now = time.time()
+        moment = time.gmtime(now)
+        for spent, limit, period, resets in (
+                (today, self.member.get("usd_per_day"), "day",
+                 calendar.timegm((moment.tm_year, moment.tm_mon, moment.tm_mday, 0, 0, 0)) + 86400),
+                (month, self.member.get("usd_per_month"), "month",
+                 calendar.timegm((moment.tm_year + moment.tm_mon // 12, moment.tm_mon % 12 + 1, 1, 0, 0, 0)))):
+            if limit is not None and spent >= limit:
+                raise ClientError(429, "Budget reached: %s has spent $%.4f of $%.2f this %s (UTC); it resets at %s." % (
+                    self.user, spent, limit, period, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resets))),
+                    "budget_exceeded", headers={"Retry-After": str(max(1, int(resets - now)))})
 
     # -- the API routes: parse -> translate -> prepare -> forward -> relay -> settle -> record
 
     def handle_api(self, front):
         self.front = front
         self.check_proxy_key()
+        self.check_member(front)  # before the body is read and anything is paid for
         body = self.read_json_body()
         if not self.state.api_key:
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
-        exchange = front.exchange(body, self.state)
+        exchange = front.exchange(body, self.state, self.user)
         self.reserve(exchange.expanded_bytes)
-        prepared = prepare(exchange.chat_body, self.state, client_body=body)
+        prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user)
         prepared.ctx.notes.extend(exchange.notes)
         outcome = forward(prepared, exchange, front, self)
         record(self.state, prepared, outcome, self.route())
@@ -5464,6 +5647,7 @@ class ProxyState:
         self.responses = ResponseStore(config.RESPONSES_STORE_SIZE, config.MAX_RESPONSES_BYTES)
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
         self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
+        self.keys = TeamKeys(config.KEYS_FILE) if config.KEYS_FILE else None  # named keys (--keys)
         self.shutting_down = False  # set when the shutdown grace is over: answers still open get an error
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
         self.crossed = LRU(4096)  # conversations that were summarised: their summaries keep applying
@@ -5476,13 +5660,13 @@ class ProxyState:
             self.memo(json_string, value) if key == "content" and isinstance(value, str) else to_json(value))
             for key, value in message.items()) + "}"
 
-    def summarise(self, messages, max_tokens, tools=None, thinking=False):
+    def summarise(self, messages, max_tokens, tools=None, thinking=False, user=None):
         """The proxy's own paid call, within --proxy-calls-per-hour (ValueError beyond it: the caller
         sends the request unsummarised, as for any failed summary)."""
         if not self.own_calls.take():
             raise ValueError("%d paid summary calls in the last hour already (--proxy-calls-per-hour)"
                              % self.own_calls.per_hour)
-        return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking)
+        return request_summary(self, messages, max_tokens, tools=tools, thinking=thinking, user=user)
 
     def load(self):
         """Read what earlier runs left. Folders are made when something is first written to them."""
@@ -5693,15 +5877,27 @@ def main(argv=None):
     logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if args.explain:
         return explain_file(args.explain, config)
+    if args.add_key:
+        path = config.KEYS_FILE or os.path.join(config.DATA_DIR or default_data_dir(config), "keys.json")
+        try:
+            key = add_key(path, args.add_key)
+        except (OSError, ValueError) as error:
+            print("deepseek_proxy.py: error: %s" % error, file=sys.stderr)
+            return 2
+        print(key)
+        print("The key of %s, shown this once; only its SHA-256 is stored, in %s. Set budgets there "
+              "(usd_per_day, usd_per_month) and start the proxy with --keys %s." % (args.add_key, path, path),
+              file=sys.stderr)
+        return 0
     if args.check:
         return run_check(config)
-    if not is_loopback(config.HOST) and not config.PROXY_KEY and not config.ALLOW_OPEN:
+    if not is_loopback(config.HOST) and not config.PROXY_KEY and not config.KEYS_FILE and not config.ALLOW_OPEN:
         log.error("Refusing to listen on %s without --proxy-key: anyone who reaches it could spend your "
                   "DeepSeek key. Set --proxy-key (or PROXY_API_KEY), or pass --allow-open.", config.HOST)
         return 2
     if not is_loopback(config.HOST):
         log.warning("Listening on %s: reachable from other machines%s.", config.HOST,
-                    "" if config.PROXY_KEY else " WITHOUT a proxy key")
+                    "" if config.PROXY_KEY or config.KEYS_FILE else " WITHOUT a proxy key")
     problems = data_dir_problems(config.DATA_DIR or default_data_dir(config))
     if problems:
         log.error("Refusing to use the data folder: %s. Another local user could read or replace the "
