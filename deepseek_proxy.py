@@ -4732,9 +4732,11 @@ class Stats:
             "users": self.users(),
             "system_prompt_summaries": {
                 "break_even_uses": round(break_even_uses(self.config), 1),
-                "rule": "a prompt is summarised once seen %d times; a summary pays back after about %d uses, so "
-                        "the first session pays for the next ones" % (state.system_prompts.required_sightings(),
-                                                                       math.ceil(break_even_uses(self.config))),
+                "rule": "a prompt is summarised once seen %d time%s; a summary pays back after about %d uses, so "
+                        "the first session pays for the next ones" % (
+                            state.system_prompts.required_sightings(),
+                            "" if state.system_prompts.required_sightings() == 1 else "s",
+                            math.ceil(break_even_uses(self.config))),
                 "summaries": state.system_prompts.report()},
             "caches": dict({"summaries": len(state.summaries.entries), "responses": len(state.responses.items)},
                            **{key: value for stage in PIPELINE if stage.stats and stage.name in state.stores
@@ -4831,6 +4833,7 @@ function chart(svg,points,series,unit){
     out+='<text x="'+x.toFixed(1)+'" y="'+(H-5)+'" font-size="11" text-anchor="middle" fill="#5f6675">'+hhmm(m)+'</text>'}
   svg.setAttribute("viewBox","0 0 "+W+" "+H);svg.setAttribute("preserveAspectRatio","none");svg.innerHTML=out}
 var KEY=sessionStorage.getItem("proxyKey")||"",ASKED=false;
+if(location.hash.indexOf("#key=")==0){KEY=decodeURIComponent(location.hash.slice(5));sessionStorage.setItem("proxyKey",KEY);history.replaceState(null,"",location.pathname)}
 function get(u){return fetch(u,{headers:KEY?{"Authorization":"Bearer "+KEY}:{}})}
 function dump(path){get("dumps/"+path).then(function(r){return r.text()}).then(function(t){window.open(URL.createObjectURL(new Blob([t],{type:"application/json"})))});return false}
 function refresh(){get("stats").then(function(r){if(r.status==401){if(!ASKED){ASKED=true;var k=prompt("This proxy was started with --proxy-key: enter it to see its figures");if(k){KEY=k;sessionStorage.setItem("proxyKey",k);return refresh()}}throw "the proxy key is needed (--proxy-key)"}return r.json()}).then(function(s){if(!s)return;

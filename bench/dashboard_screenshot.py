@@ -6,6 +6,7 @@ at a desktop and a phone width.
 Needs Debian's chromium (apt-get install chromium). Talks only to 127.0.0.1.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -28,25 +29,33 @@ def shoot(url, output, size):
                    check=True, capture_output=True, timeout=120)
 
 
+PEOPLE = {"ana": "dsp-screenshot-ana-key", "ben": "dsp-screenshot-ben-key"}
+
+
 def main(folder):
     fake = FakeDeepSeek(API_KEY).start()
-    proxy = Proxy(fake.url, tempfile.mkdtemp(prefix="dashboard-"), ["--system-wait", "5", "--no-persist-stats",
-                                                                    "--system-min-seen", "1", "--save-prepost-msgs"])
+    data = tempfile.mkdtemp(prefix="dashboard-")
+    keys = os.path.join(data, "team.json")
+    with open(keys, "w") as handle:
+        json.dump({"keys": [{"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest(), "usd_per_day": 5}
+                            for name, key in PEOPLE.items()]}, handle)
+    proxy = Proxy(fake.url, data, ["--system-wait", "5", "--no-persist-stats", "--system-min-seen", "1",
+                                   "--no-system-payback", "--save-prepost-msgs", "--keys", keys])
     fake.responder = None
     try:
-        for name in ("copilot", "aider"):
+        for name, person in (("copilot", "ana"), ("aider", "ben")):
             session = SESSIONS[name]()
             fake.responder = scripted_responder(session)
             for request in session.requests:
                 status, _, body = proxy.chat({"model": "gpt-5" if name == "copilot" else "claude-sonnet",
                                               "messages": request["messages"], "tools": request["tools"],
-                                              "stream": True})
+                                              "stream": True}, headers={"Authorization": "Bearer " + PEOPLE[person]})
                 assert status == 200, body
         proxy.request("GET", "/v1/nothing")
-        url = "http://127.0.0.1:%d/" % proxy.port
-        shoot(url, os.path.join(folder, "dashboard.png"), (1280, 1150))
-        shoot(url, os.path.join(folder, "dashboard-phone.png"), (390, 2200))
-        stats = json.loads(proxy.request("GET", "/stats")[2])
+        url = "http://127.0.0.1:%d/#key=%s" % (proxy.port, PEOPLE["ana"])
+        shoot(url, os.path.join(folder, "dashboard.png"), (1280, 1750))
+        shoot(url, os.path.join(folder, "dashboard-phone.png"), (390, 2900))
+        stats = json.loads(proxy.request("GET", "/stats", headers={"Authorization": "Bearer " + PEOPLE["ana"]})[2])
         print(json.dumps({key: stats[key] for key in ("requests", "cost_usd", "savings")}, indent=1))
     finally:
         proxy.stop()
