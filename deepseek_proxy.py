@@ -328,6 +328,12 @@ def parse_args(argv=None, environ=None):
     parser.add_argument("--explain", metavar="REQUEST.json",
                         help="run the pipeline on a saved request (a chat body or a pre_msg/ dump) without a key or "
                              "any call to DeepSeek, print what would be sent and what each stage did, and exit")
+    parser.add_argument("--rebuild", metavar="POST_MSG.json",
+                        help="print the request a client sent, rebuilt from a post_msg/ dump (what the proxy sent), "
+                             "and exit")
+    parser.add_argument("--verify-dumps", metavar="DIR", nargs="?", const="",
+                        help="rebuild every post_msg/ dump in DIR (default: the data folder) and compare it with its "
+                             "pre_msg/ twin; one line each, exact or the first difference; exit 1 if any differs")
     parser.add_argument("--add-key", metavar="NAME",
                         help="make a new random key for NAME, store only its SHA-256 in the --keys file (default: "
                              "keys.json in the data folder), print the key once, and exit")
@@ -2012,7 +2018,28 @@ def keep_ephemeral_blocks(messages, ctx):
 # -- Stage: dedup_boilerplate (F-1) ------------------------------------------------------------------
 
 PLACEHOLDER = "[repeated context omitted]"
-DELTA_NOTE = "[lines unchanged since the previous %s omitted]"
+# -- The notation of every rewrite (docs/design.md, "One notation"): a reference names its source by
+# what a reader sees (a tag, a tool and its call, a fenced block) and how many messages above; a
+# change is a zero-context unified diff against it, its line count given first so that a reader
+# knows where it ends. rebuild() reads these notes back into the text the client sent.
+REPEAT_NOTE = "[Repeat of %s, unchanged.]"
+CHANGE_NOTE = "[Changed copy of %s; its changes follow, %d line%s of unified diff without context lines.]"
+
+
+def ordinal(number):
+    return "%d%s" % (number, {1: "st", 2: "nd", 3: "rd"}.get(number if number < 20 else number % 10, "th"))
+
+
+def block_place(tag, distance, index, count):
+    """How a note names a boilerplate block: its tag, how far above, and which of that message's
+    blocks of that tag when it has several."""
+    return "the <%s> block %d message%s above%s" % (tag, distance, "" if distance == 1 else "s",
+                                                     " (its %s of them)" % ordinal(index + 1) if count > 1 else "")
+
+
+def change_note(where, delta):
+    lines = delta.count("\n") + 1
+    return CHANGE_NOTE % (where, lines, "" if lines == 1 else "s") + "\n" + delta
 
 
 def boilerplate_finder(config):
@@ -2063,86 +2090,106 @@ def find_boilerplate_blocks(text, openers, closes):
 
 
 def dedup_boilerplate(messages, ctx):
-    """F-1: boilerplate blocks (BOILERPLATE_PATTERNS) in user and tool messages.
+    """F-1: boilerplate blocks (BOILERPLATE_PATTERNS) in user and tool messages, without loss.
 
-    A block whose SHA-256 was seen earlier in the conversation is removed. A block that differs
-    from the previous block of its tag in only a few lines (Cline's environment_details, where only
-    the time and cost change) is cut down to its new lines. With MIN_SEGMENT_CHARS > 0, plain
-    paragraphs of user messages at least that long are fingerprinted too. A message left empty
-    gets a short placeholder.
+    A block equal to one sent earlier in the conversation becomes a reference to it (REPEAT_NOTE,
+    naming the tag, how many messages above, and which of that message's blocks of the tag). A
+    block that differs from the previous block of its tag in a few lines (Cline's
+    environment_details, where the time and cost change) becomes a zero-context unified diff against
+    it (CHANGE_NOTE), when that is at most half the block. Nothing else changes: the text around
+    the blocks keeps every character, blank lines included. With MIN_SEGMENT_CHARS > 0, plain
+    paragraphs of user messages at least that long that were sent before become references too.
 
     The conversation is the history the request carries, scanned from the start with a bounded LRU
     of MAX_FINGERPRINT_HISTORY fingerprints. So the output for a message depends only on the
     messages before it: a restart or a second client gives the same bytes, and what was produced for
     earlier messages comes out again unchanged, which keeps DeepSeek's prefix cache hitting.
+    rebuild() turns every note back into the block it stands for.
     """
-    seen = collections.OrderedDict()  # fingerprint -> message index where first seen, least recent first
-    previous_lines = {}  # tag -> (set of the lines of the last block with that tag, its message index)
-    here = [0]  # index of the message being reduced
+    seen = collections.OrderedDict()  # fingerprint -> (message index, tag, ordinal, count) first seen
+    previous = {}  # tag -> (lines of the last block with that tag, message index, ordinal, count)
+    finder = boilerplate_finder(ctx.config)
 
-    def already_seen(segment):
-        fingerprint = ctx.memo(sha256_text, segment)
-        if fingerprint in seen:
-            seen.move_to_end(fingerprint)
-            ctx.anchor(here[0], seen[fingerprint])
-            return True
-        seen[fingerprint] = here[0]
+    def place_of(found, position):
+        index, tag, number, count = found
+        return block_place(tag, position - index, number, count)
+
+    def remember(fingerprint, where):
+        seen[fingerprint] = where
         if len(seen) > ctx.config.MAX_FINGERPRINT_HISTORY:
             seen.popitem(last=False)
-        return False
 
-    def reduce_block(block):
-        """The block as sent: "" if seen, its new lines if mostly unchanged, else itself."""
-        tag = re.match(r"<([^\s>]+)", block).group(1)
-        lines = block.splitlines()
-        known = previous_lines.get(tag)
-        previous_lines[tag] = (set(lines), here[0])
-        if already_seen(block):
-            return ""
-        if known is None or len(lines) < 4:
+    def reduce_block(block, position, tag, number, count, at_line_end):
+        """The block as sent: a reference if sent before, a delta if it changed a little, else itself."""
+        fingerprint = ctx.memo(sha256_text, block)
+        lines = block.split("\n")
+        known = previous.get(tag)
+        previous[tag] = (lines, position, number, count)
+        found = seen.get(fingerprint)
+        if found is not None and found[0] < position:
+            seen.move_to_end(fingerprint)
+            ctx.anchor(position, found[0])
+            return REPEAT_NOTE % place_of(found, position)
+        if found is None:
+            remember(fingerprint, (position, tag, number, count))
+        if known is None or known[1] >= position or len(lines) < 4 or not at_line_end:
+            return block  # (a delta must end a line: its reader counts lines)
+        delta = ctx.state.stores["dedup_near_duplicates"].line_delta(known[0], lines, store=not ctx.explain) \
+            if "dedup_near_duplicates" in ctx.state.stores else line_delta(known[0], lines)
+        sent = change_note(block_place(tag, position - known[1], known[2], known[3]), delta)
+        if len(sent) * 2 > len(block):
             return block
-        fresh = [line for line in lines[1:-1] if line not in known[0] and line.strip()]
-        if len(fresh) * 2 > len(lines):
-            return block
-        ctx.anchor(here[0], known[1])
-        return "\n".join([lines[0], DELTA_NOTE % tag] + fresh + [lines[-1]])
+        ctx.anchor(position, known[1])
+        return sent
 
-    def reduce_paragraphs(text):
+    def reduce_paragraphs(text, position):
         parts = re.split(r"(\n[^\S\n]*\n\s*)", text)
-        kept = [part for part in parts if len(part) < ctx.config.MIN_SEGMENT_CHARS or not already_seen(part)]
-        if len(kept) == len(parts):
-            return text
-        reduced = "".join(kept)
-        ctx.removed("dedup_boilerplate", text, reduced)
+        out = []
+        for part in parts:
+            if len(part) >= ctx.config.MIN_SEGMENT_CHARS and part.strip():
+                fingerprint = ctx.memo(sha256_text, part)
+                found = seen.get(fingerprint)
+                if found is not None and found[0] < position:
+                    ctx.anchor(position, found[0])
+                    out.append(REPEAT_NOTE % ("the paragraph %d message%s above" % (
+                        position - found[0], "" if position - found[0] == 1 else "s")))
+                    continue
+                if found is None:
+                    remember(fingerprint, (position, None, 0, 1))
+            out.append(part)
+        reduced = "".join(out)
+        if reduced != text:
+            ctx.removed("dedup_boilerplate", text, reduced)
         return reduced
 
-    def reduce_text(text, role):
+    def reduce_text(text, role, position):
         paragraphs = ctx.config.MIN_SEGMENT_CHARS and role == "user"
+        spans = ctx.memo(finder, text)
+        tags = [re.match(r"<([^\s>]+)", text[start:end]).group(1) for start, end in spans]
         pieces, last = [], 0
-        for start, end in ctx.memo(boilerplate_finder(ctx.config), text):
+        for (start, end), tag in zip(spans, tags):
+            if start and text[start - 1] != "\n":
+                continue  # a tag inside a line (a numbered file view, a quote) is content, not boilerplate
             plain = text[last:start]
-            pieces.append(reduce_paragraphs(plain) if paragraphs else plain)
+            pieces.append(reduce_paragraphs(plain, position) if paragraphs else plain)
             block = text[start:end]
-            reduced = reduce_block(block)
+            same_tag = [other for other in range(len(tags)) if tags[other] == tag]
+            reduced = reduce_block(block, position, tag, same_tag.index(spans.index((start, end))), len(same_tag),
+                                   end == len(text) or text[end] == "\n")
             if reduced != block:
                 ctx.removed("dedup_boilerplate", block, reduced)
             pieces.append(reduced)
             last = end
         tail = text[last:]
-        pieces.append(reduce_paragraphs(tail) if paragraphs else tail)
-        result = "".join(pieces)
-        if result == text:
-            return text
-        return re.sub(r"\n{3,}", "\n\n", result).strip()
+        pieces.append(reduce_paragraphs(tail, position) if paragraphs else tail)
+        return "".join(pieces)
 
     result = []
     for position, message in enumerate(messages):
-        here[0] = position
         if message["role"] in ("user", "tool") and message.get("content"):
-            content = map_content_text(message["content"], lambda text, role=message["role"]: reduce_text(text, role))
+            content = map_content_text(message["content"],
+                                       lambda text, role=message["role"]: reduce_text(text, role, position))
             if content != message["content"]:
-                if not content_text(content).strip() and not has_non_text_parts(content):
-                    content = PLACEHOLDER if isinstance(content, str) else [{"type": "text", "text": PLACEHOLDER}]
                 message = dict(message, content=content)
         result.append(message)
     return result
@@ -2211,9 +2258,9 @@ def find_fenced_blocks(text):
 # -- Stage: dedup_near_duplicates ---------------------------------------------------------------------
 
 TOOL_RESULT_TEXT = re.compile(r"\[[^\]\n]{1,200}\] Result:")  # Cline/Roo XML mode: a tool result in a user message
-NEAR_DUP_NOTE = ("[Near-duplicate of %s: the same text except for the changes below. Each @@ -a,b +c,d @@ "
-                 "replaces lines a..a+b-1 of that text by the + lines after it; \"-[N lines]\" stands for "
-                 "removed lines not repeated here.]")
+NEAR_DUP_NOTE = ("[Near-duplicate of %s: the same text except for the changes below, a unified diff without "
+                 "context (\"@@ -a,b +c,d @@\": b lines from line a become the d \"+\" lines after it; b = 0 "
+                 "inserts after line a; \"-[N lines]\" stands for N removed lines).]")
 NUMBERED_NOTE = (" Line numbers are left out: the changes apply to the lines without their \"N | \" prefixes, "
                  "and this view numbers its lines from %d on, from its line %d.")
 MIN_LINE_CHARS = 20  # characters; shorter lines ("}", blank) do not count as evidence of a repeat
@@ -2525,22 +2572,23 @@ def dedup_markdown_blocks(messages, ctx):
         if message["role"] == "assistant":
             turn += 1
         if message["role"] in ("user", "assistant", "tool"):
-            for block in ctx.memo(find_fenced_blocks, content_text(message.get("content"))):
+            for number, block in enumerate(ctx.memo(find_fenced_blocks, content_text(message.get("content")))):
                 if len(block[4]) >= ctx.config.MIN_BLOCK_CHARS:
-                    occurrences[ctx.memo(sha256_text, block[4])].append((index, turn))
+                    occurrences[ctx.memo(sha256_text, block[4])].append((index, turn, number))
     keep = {}  # body hash -> index of the message whose copy stays full
+    kept_number = {}  # body hash -> which fenced block of that message it is
     touched = set()  # messages with a copy to replace
     for fingerprint, places in occurrences.items():
         if len(places) < 2:
             continue
         if ctx.config.MARKDOWN_DEDUP == "latest":
-            keep[fingerprint] = places[-1][0]
+            chosen = places[-1]
         elif ctx.config.MARKDOWN_DEDUP == "auto":
-            first_turn = places[0][1]
-            keep[fingerprint] = [index for index, turn_of in places if turn_of == first_turn][-1]
+            chosen = [place for place in places if place[1] == places[0][1]][-1]
         else:
-            keep[fingerprint] = places[0][0]
-        touched.update(index for index, _turn in places if index != keep[fingerprint])
+            chosen = places[0]
+        keep[fingerprint], kept_number[fingerprint] = chosen[0], chosen[2]
+        touched.update(index for index, _turn, _number in places if index != keep[fingerprint])
     if not touched:
         return messages
 
@@ -2552,10 +2600,12 @@ def dedup_markdown_blocks(messages, ctx):
                 for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
                     fingerprint = ctx.memo(sha256_text, body) if len(body) >= ctx.config.MIN_BLOCK_CHARS else None
                     if fingerprint in keep and keep[fingerprint] != index:
-                        where = "below" if keep[fingerprint] > index else "above"
+                        distance = abs(keep[fingerprint] - index)
+                        where = "the copy of this block %d message%s %s (that message's %s fenced block)" % (
+                            distance, "" if distance == 1 else "s", "below" if keep[fingerprint] > index else "above",
+                            ordinal(kept_number[fingerprint] + 1))
                         pieces.append(text[last:start])
-                        pieces.append("%s\n[identical to the copy of this block %s]\n%s" % (
-                            open_line, where, close_line))
+                        pieces.append("%s\n%s\n%s" % (open_line, REPEAT_NOTE % where, close_line))
                         last = end
                         ctx.removed("dedup_markdown_blocks", body)
                 return "".join(pieces) + text[last:] if last else text
@@ -3670,6 +3720,203 @@ def end_stream_with_error(prepared, collector, exchange, writer, message):
     log.warning("[%s] %s", prepared.ctx.request_id, message)
     writer.write(exchange.stream_error(message))
     writer.broken()
+
+
+# -- rebuild(): the notation read back ----------------------------------------------------------------
+
+def apply_delta(old_lines, delta_lines):
+    """The lines a zero-context unified diff (the notation's) makes of old_lines."""
+    out, done, index = [], 0, 0
+    while index < len(delta_lines):
+        header = re.match(r"@@ -(\d+),(\d+) \+(\d+),(\d+) @@$", delta_lines[index])
+        if not header:
+            raise ValueError("not a hunk header: %r" % delta_lines[index][:80])
+        start, removed, _, added = (int(value) for value in header.groups())
+        keep_until = start - 1 if removed else start  # b = 0: insert after line a
+        out.extend(old_lines[done:keep_until])
+        index += 1
+        if index < len(delta_lines) and re.match(r"-\[\d+ lines\]$", delta_lines[index]):
+            index += 1
+        else:
+            index += removed
+        out.extend(line[1:] for line in delta_lines[index:index + added])
+        index += added
+        done = keep_until + removed
+    return out + old_lines[done:]
+
+
+_REPEAT = re.compile(r"\[Repeat of (.+?), unchanged\.\]")
+_CHANGE = re.compile(r"\[Changed copy of (.+?); its changes follow, (\d+) lines? of unified diff without context "
+                     r"lines\.\]\n")
+_BLOCK_PLACE = re.compile(r"the <([^>]+)> block (\d+) messages? above(?: \(its (\d+)\w\w of them\))?$")
+_SAME_OUTPUT = re.compile(r"\[Same output as tool call (.+?) \(([^()]*)\) above, unchanged\.\]$")
+_NEAR = re.compile(r"\[Near-duplicate of (.+?): the same text except for the changes below, a unified diff "
+                   r"without context \(.*?\)\.(?: Line numbers are left out: the changes apply to the lines without "
+                   r"their \"N \| \" prefixes, and this view numbers its lines from (\d+) on, from its line (\d+)\.)?\]\n")
+
+
+def rebuild(sent, config=None):
+    """The messages a client sent, rebuilt from the messages the pipeline sent (below the budget):
+    every reference and delta of the notation replaced by the text it stands for. Not rebuilt, by
+    design: the parameters the proxy sets, reasoning it restored, system-prompt and conversation
+    summaries, Aider's ephemeral block. Raises ValueError on a note it cannot resolve."""
+    config = config or DEFAULT_CONFIG
+    messages = [dict(message) for message in sent]
+    for undo in (undo_markdown_references, undo_near_duplicates, undo_tool_references, undo_boilerplate):
+        messages = undo(messages, config)
+    return messages
+
+
+def map_texts(message, transform):
+    if isinstance(message.get("content"), (str, list)):
+        message["content"] = map_content_text(message["content"], transform)
+
+
+def undo_markdown_references(messages, config):
+    def undo(index, text, direction):
+        pieces, last = [], 0
+        for start, end, open_line, close_line, body in find_fenced_blocks(text):
+            found = _REPEAT.fullmatch(body.rstrip("\n"))
+            place = found and re.fullmatch(r"the copy of this block (\d+) messages? (above|below) \(that message's "
+                                           r"(\d+)\w\w fenced block\)", found.group(1))
+            if not place or place.group(2) != direction:
+                continue
+            other = index - int(place.group(1)) if direction == "above" else index + int(place.group(1))
+            blocks = find_fenced_blocks(content_text(messages[other].get("content")))
+            if int(place.group(3)) > len(blocks):
+                raise ValueError("message %d: no %s" % (index, found.group(1)))
+            pieces.append(text[last:start] + open_line + "\n" + blocks[int(place.group(3)) - 1][4] + close_line)
+            last = end
+        return "".join(pieces) + text[last:] if last else text
+    for index in range(len(messages)):
+        map_texts(messages[index], lambda text: undo(index, text, "above"))
+    for index in reversed(range(len(messages))):
+        map_texts(messages[index], lambda text: undo(index, text, "below"))
+    return messages
+
+
+def text_parts(message):
+    content = message.get("content")
+    return [content] if isinstance(content, str) else [
+        part.get("text", "") for part in content or () if isinstance(part, dict) and part.get("type") == "text"]
+
+
+def undo_near_duplicates(messages, config):
+    def source_text(index, where, numbered):
+        call = re.fullmatch(r"the output of tool call (.+) \(([^()]*)\) above", where)
+        if call:
+            for message in messages[:index]:
+                if message.get("role") == "tool" and message.get("tool_call_id") == call.group(1):
+                    parts = [part for part in text_parts(message) if len(part) >= config.MIN_NEAR_DUP_CHARS
+                             and (numbered_lines(part)[1] is not None) == numbered]
+                    if parts:
+                        return parts[0]  # the part that was diffed: the first long one of the same kind
+            raise ValueError("message %d: no tool call %s above" % (index, call.group(1)))
+        place = re.fullmatch(r"(.+) (\d+) messages? above", where)
+        if not place:
+            raise ValueError("message %d: cannot read %r" % (index, where))
+        label, other = place.group(1), index - int(place.group(2))
+        text = content_text(messages[other].get("content"))
+        fenced = re.fullmatch(r"(?:an assistant's|the) fenced block(?: `(.*)`)?", label)
+        if fenced:
+            info = fenced.group(1) or ""
+            for _start, _end, open_line, _close, body in find_fenced_blocks(text):
+                if open_line.lstrip(" `~").strip()[:80] == info:
+                    return body[:-1] if body.endswith("\n") else body
+            raise ValueError("message %d: no fenced block %r in message %d" % (index, info, other))
+        header = label[len("the "):]
+        parts = messages[other].get("content")
+        for part in ([parts] if isinstance(parts, str) else [p.get("text", "") for p in parts or () if isinstance(p, dict)]):
+            if part.startswith(header):
+                return part
+        raise ValueError("message %d: no %r in message %d" % (index, header, other))
+
+    def undo_block(index, text):
+        found = _NEAR.match(text)
+        if not found:
+            return None
+        old = source_text(index, found.group(1), found.group(2) is not None)
+        old_lines, numbering = numbered_lines(old)
+        delta = text[found.end():]
+        lines = apply_delta(old_lines, delta.split("\n") if delta else [])
+        if found.group(2):
+            number, first = int(found.group(2)), int(found.group(3)) - 1
+            lines = lines[:first] + ["%d | %s" % (number + k, line) for k, line in enumerate(lines[first:])]
+        return "\n".join(lines)
+
+    def undo(index, text):
+        whole = undo_block(index, text)
+        if whole is not None:
+            return whole
+        pieces, last = [], 0
+        for start, end, open_line, close_line, body in find_fenced_blocks(text):
+            inner = undo_block(index, body[:-1] if body.endswith("\n") else body)
+            if inner is not None:
+                pieces.append(text[last:start] + open_line + "\n" + inner + "\n" + close_line)
+                last = end
+        return "".join(pieces) + text[last:] if last else text
+    for index in range(len(messages)):
+        map_texts(messages[index], lambda text: undo(index, text))
+    return messages
+
+
+def undo_tool_references(messages, config):
+    for index, message in enumerate(messages):
+        def undo(text):
+            found = _SAME_OUTPUT.fullmatch(text)
+            if not found:
+                return text
+            for earlier in messages[:index]:
+                if earlier.get("role") == "tool" and earlier.get("tool_call_id") == found.group(1):
+                    content = earlier.get("content")
+                    parts = [content] if isinstance(content, str) else [
+                        part.get("text", "") for part in content or () if isinstance(part, dict)]
+                    return next((part for part in parts if len(part) >= config.MIN_TOOL_OUTPUT_CHARS), parts[0])
+            raise ValueError("message %d: no tool call %s above" % (index, found.group(1)))
+        if message.get("role") == "tool":
+            map_texts(message, undo)
+    return messages
+
+
+def undo_boilerplate(messages, config):
+    finder = boilerplate_finder(config)
+
+    def block_at(index, place):
+        found = _BLOCK_PLACE.fullmatch(place)
+        if not found:
+            raise ValueError("message %d: cannot read %r" % (index, place))
+        tag, other, number = found.group(1), index - int(found.group(2)), int(found.group(3) or 1) - 1
+        text = content_text(messages[other].get("content"))
+        blocks = [text[start:end] for start, end in finder(text) if re.match(r"<([^\s>]+)", text[start:end]).group(1) == tag]
+        if number >= len(blocks):
+            raise ValueError("message %d: no %s" % (index, place))
+        return blocks[number]
+
+    for index, message in enumerate(messages):
+        if message.get("role") not in ("user", "tool"):
+            continue
+
+        def undo(text):
+            out, position = [], 0
+            while True:
+                repeat, change = _REPEAT.search(text, position), _CHANGE.search(text, position)
+                first = min((m for m in (repeat, change) if m and _BLOCK_PLACE.fullmatch(m.group(1))),
+                            key=lambda m: m.start(), default=None)
+                if first is None:
+                    return "".join(out) + text[position:]
+                out.append(text[position:first.start()])
+                if first is repeat:
+                    out.append(block_at(index, first.group(1)))
+                    position = first.end()
+                else:
+                    count = int(first.group(2))
+                    delta, end = text[first.end():].split("\n"), first.end()
+                    delta_lines = delta[:count]
+                    end += len("\n".join(delta_lines))
+                    out.append("\n".join(apply_delta(block_at(index, first.group(1)).split("\n"), delta_lines)))
+                    position = end
+        map_texts(message, undo)
+    return messages
 
 
 # =====================================================================================================
@@ -5773,6 +6020,80 @@ def explain_file(path, config):
     return 0
 
 
+def comparable(messages):
+    """Messages as compared by --verify-dumps: without the reasoning the proxy restores."""
+    return [{key: value for key, value in message.items() if key != "reasoning_content"} for message in messages]
+
+
+def client_messages(pre, config):
+    """The chat messages a pre_msg/ dump (any front's body) stands for, normalised as the pipeline
+    normalises them."""
+    state = ProxyState(config, api_key="", persist=False)
+    front = ResponsesFront if "input" in pre else AnthropicFront if "system" in pre else ChatFront
+    if front is ChatFront and any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+            isinstance(p, dict) and p.get("type") in ("tool_use", "tool_result") for p in m["content"])
+            for m in pre.get("messages") or ()):
+        front = AnthropicFront
+    body = front.exchange(pre, state).chat_body
+    ctx = RequestContext(body, state, explain=True)
+    return normalise_messages(body["messages"], ctx)
+
+
+def rebuild_file(path, config):
+    """--rebuild: the client's request, rebuilt from a post_msg/ dump."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            sent = json.load(handle)
+        messages = rebuild(sent["messages"], config)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print("deepseek_proxy.py: error: cannot rebuild %s: %s" % (path, error), file=sys.stderr)
+        return 2
+    print(json.dumps({"messages": messages}, ensure_ascii=False, indent=1))
+    return 0
+
+
+def verify_dumps(folder, config):
+    """--verify-dumps: every post_msg/ dump rebuilt and compared with what the client sent. Excluded
+    by design (said per request): requests with a conversation summary, a system-prompt summary, or
+    Aider's ephemeral block; parameters and restored reasoning are never compared."""
+    exact = differ = excluded = 0
+    post_folder, pre_folder = os.path.join(folder, "post_msg"), os.path.join(folder, "pre_msg")
+    names = sorted(name for name in os.listdir(post_folder) if DUMP_FILE_NAME.match(name)) \
+        if os.path.isdir(post_folder) else []
+    for name in names:
+        try:
+            sent = json.loads(read_text(os.path.join(post_folder, name)) or "null")
+            pre = json.loads(read_text(os.path.join(pre_folder, name)) or "null")
+            wanted = comparable(client_messages(pre, config))
+            text = json.dumps(sent["messages"], ensure_ascii=False)
+            if SUMMARY_OPEN[:20] in text or EPHEMERAL_NOTE[:40] in text:
+                excluded += 1
+                print("%s  excluded: a conversation summary or Aider's block (lossy or not rebuilt by design)" % name)
+                continue
+            got = comparable(rebuild(sent["messages"], config))
+            if len(got) == len(wanted) + 1 and got[-1].get("role") == "system":
+                got = got[:-1]  # the json_schema instruction the proxy adds
+            for index, (mine, theirs) in enumerate(zip(got, wanted)):
+                if mine != theirs and mine.get("role") == "system" == theirs.get("role"):
+                    got[index] = theirs  # a system-prompt summary: lossy by design
+        except (OSError, ValueError, KeyError, TypeError, ClientError) as error:
+            differ += 1
+            print("%s  cannot rebuild: %s" % (name, getattr(error, "message", error)))
+            continue
+        if got == wanted:
+            exact += 1
+            print("%s  exact" % name)
+            continue
+        differ += 1
+        index = next((i for i, (a, b) in enumerate(zip(got, wanted)) if a != b), min(len(got), len(wanted)))
+        print("%s  differs at message %d: sent rebuilds to %r, the client sent %r" % (
+            name, index, json.dumps(got[index] if index < len(got) else None)[:200],
+            json.dumps(wanted[index] if index < len(wanted) else None)[:200]))
+    print("%d of %d requests rebuilt exactly; %d differ; %d excluded by design" % (
+        exact, exact + differ, differ, excluded))
+    return 1 if differ else 0
+
+
 def run_check(config):
     """--check: a few small real calls (a fraction of a cent) that test what the proxy relies on.
     One line each: ok, or FAIL with what to do. Exit 0 when everything holds."""
@@ -5880,6 +6201,10 @@ def main(argv=None):
     logging.basicConfig(level=config.LOG_LEVEL, format="%(asctime)s %(levelname)s %(message)s")
     if args.explain:
         return explain_file(args.explain, config)
+    if args.rebuild:
+        return rebuild_file(args.rebuild, config)
+    if args.verify_dumps is not None:
+        return verify_dumps(args.verify_dumps or config.DATA_DIR or default_data_dir(config), config)
     if args.add_key:
         path = config.KEYS_FILE or os.path.join(config.DATA_DIR or default_data_dir(config), "keys.json")
         try:

@@ -55,32 +55,40 @@ class Boilerplate(unittest.TestCase):
         context = ctx()
         out = dp.dedup_boilerplate(messages, context)
         self.assertEqual(out[0], messages[0])
-        self.assertEqual(out[2]["content"], "second\n\n<userRequest>do b</userRequest>")
+        self.assertEqual(out[2]["content"], "second\n[Repeat of the <reminderInstructions> block 2 messages above, "
+                                            "unchanged.]\n<userRequest>do b</userRequest>")
         self.assertGreater(context.saved["dedup_boilerplate"], 0)
+        self.assertEqual(dp.rebuild(out), messages)
 
-    def test_message_left_empty_gets_a_placeholder(self):
+    def test_a_message_that_was_all_repeat_is_a_reference(self):
         messages = [user(REMINDER), user(REMINDER),
                     {"role": "user", "content": [{"type": "text", "text": REMINDER}]}]
         out = dp.dedup_boilerplate(messages, ctx())
-        self.assertEqual(out[1]["content"], dp.PLACEHOLDER)
-        self.assertEqual(out[2]["content"], [{"type": "text", "text": dp.PLACEHOLDER}])
+        note = "[Repeat of the <reminderInstructions> block %d message%s above, unchanged.]"
+        self.assertEqual(out[1]["content"], note % (1, ""))
+        self.assertEqual(out[2]["content"], [{"type": "text", "text": note % (2, "s")}])
+        self.assertEqual(dp.rebuild(out), messages)
 
     def test_block_that_changed_in_a_few_lines_keeps_only_them(self):
         def details(time):
             return ("<environment_details>\n# Visible Files\na.py\n# Open Tabs\na.py b.py\n# Current Time\n%s\n"
-                    "# Current Cost\n$0.10\n# Mode\nact\n</environment_details>" % time)
+                    "# Current Cost\n$0.10\n# Mode\nact\n# Files\n%s\n</environment_details>"
+                    % (time, "\n".join("src/module_%d.py" % n for n in range(30))))
         messages = [user("task\n" + details("10:00")), tool("c1", [{"type": "text", "text": "out"},
                                                                    {"type": "text", "text": details("10:05")}])]
         out = dp.dedup_boilerplate(messages, ctx())
-        self.assertEqual(out[1]["content"][1]["text"], "<environment_details>\n%s\n10:05\n</environment_details>"
-                         % (dp.DELTA_NOTE % "environment_details"))
+        self.assertEqual(out[1]["content"][1]["text"], "[Changed copy of the <environment_details> block 1 message "
+                         "above; its changes follow, 3 lines of unified diff without context lines.]\n"
+                         "@@ -7,1 +7,1 @@\n-10:00\n+10:05")
+        self.assertEqual(dp.rebuild(out), messages)
 
     def test_attributes_on_the_open_tag_and_assistant_untouched(self):
         attachment = '<attachment filePath="/src/a.py">\n%s\n</attachment>' % FILE_TEXT
         messages = [user(attachment), {"role": "assistant", "content": attachment}, user(attachment + "\nnow?")]
         out = dp.dedup_boilerplate(messages, ctx())
         self.assertEqual(out[1], messages[1])
-        self.assertEqual(out[2]["content"], "now?")
+        self.assertEqual(out[2]["content"], "[Repeat of the <attachment> block 2 messages above, unchanged.]\nnow?")
+        self.assertEqual(dp.rebuild(out), messages)
 
     def test_fingerprint_history_is_bounded(self):
         blocks = ["<userMemory>memory %d</userMemory>" % i for i in range(5)]
@@ -88,12 +96,12 @@ class Boilerplate(unittest.TestCase):
         with configured(MAX_FINGERPRINT_HISTORY=3):
             out = dp.dedup_boilerplate(messages, ctx())
         self.assertEqual(out[5]["content"], blocks[0], "evicted: sent again")
-        self.assertEqual(out[6]["content"], dp.PLACEHOLDER)
+        self.assertEqual(out[6]["content"], "[Repeat of the <userMemory> block 2 messages above, unchanged.]")
 
     def test_extra_tags_from_the_flag(self):
         with configured(BOILERPLATE_PATTERNS=dict(dp.BOILERPLATE_PATTERNS, rules=("<rules>", "</rules>"))):
             out = dp.dedup_boilerplate([user("<rules>a</rules>"), user("<rules>a</rules> b")], ctx())
-        self.assertEqual(out[1]["content"], "b")
+        self.assertEqual(out[1]["content"], "[Repeat of the <rules> block 1 message above, unchanged.] b")
 
     def test_paragraphs_only_when_enabled(self):
         paragraph = "word " * 100
@@ -101,7 +109,7 @@ class Boilerplate(unittest.TestCase):
         self.assertEqual(dp.dedup_boilerplate(messages, ctx()), messages)
         with configured(MIN_SEGMENT_CHARS=400):
             out = dp.dedup_boilerplate(messages, ctx())
-        self.assertEqual(out[1]["content"], "second")
+        self.assertEqual(out[1]["content"], "[Repeat of the paragraph 1 message above, unchanged.]\n\nsecond")
 
     def test_off(self):
         messages = [user(REMINDER), user(REMINDER)]
@@ -138,14 +146,19 @@ class MarkdownBlocks(unittest.TestCase):
     def test_first_keeps_the_first_copy(self):
         out = dp.dedup_markdown_blocks(self.conversation(), ctx())
         self.assertEqual(out[0], self.conversation()[0])
-        self.assertEqual(out[1]["content"], "Seen:\n```python\n[identical to the copy of this block above]\n```\nok")
-        self.assertEqual(out[2]["content"], "Again:\n~~~~ src/x.py\n[identical to the copy of this block above]\n~~~~")
+        self.assertEqual(out[1]["content"], "Seen:\n```python\n[Repeat of the copy of this block 1 message above "
+                                            "(that message's 1st fenced block), unchanged.]\n```\nok")
+        self.assertEqual(out[2]["content"], "Again:\n~~~~ src/x.py\n[Repeat of the copy of this block 2 messages "
+                                            "above (that message's 1st fenced block), unchanged.]\n~~~~")
+        self.assertEqual(dp.rebuild(out), self.conversation())
 
     def test_latest_keeps_the_last_copy(self):
         with configured(MARKDOWN_DEDUP="latest"):
             out = dp.dedup_markdown_blocks(self.conversation(), ctx())
-        self.assertIn("[identical to the copy of this block below]", out[0]["content"])
+        self.assertIn("[Repeat of the copy of this block 2 messages below (that message's 1st fenced block), "
+                      "unchanged.]", out[0]["content"])
         self.assertEqual(out[2], self.conversation()[2])
+        self.assertEqual(dp.rebuild(out), self.conversation())
 
     def test_auto_keeps_the_latest_copy_within_the_uncached_tail(self):
         messages = [user("a"), {"role": "assistant", "content": "ok"}, user("one\n" + BLOCK),
@@ -255,8 +268,10 @@ class ThroughTheProxy(ProxyTestCase):
         self.assertEqual(status, 200)
         sent = self.fake.requests[-1]["messages"]
         self.assertIn("[Same output as tool call call_1", sent[5]["content"])
-        self.assertEqual(sent[7]["content"], "<userRequest>again</userRequest>\n\n```python\n"
-                                             "[identical to the copy of this block above]\n```")
+        self.assertEqual(sent[7]["content"], "<userRequest>again</userRequest>\n[Repeat of the <reminderInstructions> "
+                                             "block 6 messages above, unchanged.]\n```python\n[Repeat of the copy "
+                                             "of this block 1 message above (that message's 1st fenced block), "
+                                             "unchanged.]\n```")
         self.assertLess(int(headers["X-Proxy-Tokens-Sent-Estimate"]), int(headers["X-Proxy-Tokens-In-Estimate"]))
 
 
