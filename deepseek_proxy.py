@@ -3191,9 +3191,9 @@ PIPELINE = [
               "byte-identical where it was first sent, and only its changes go where the client put it (below)"),
     Stage("dedup_boilerplate", dedup_boilerplate, switch="DEDUP_BOILERPLATE",
           flags=("MAX_FINGERPRINT_HISTORY", "MIN_SEGMENT_CHARS"),
-          doc="XML-tagged boilerplate blocks already sent in the conversation (`<environment_info>`, "
-              "`<reminderInstructions>`, `<environment_details>`, ...; \"F-1\") are removed; a block that changed in a "
-              "few lines keeps only those"),
+          doc="an XML-tagged boilerplate block already sent in the conversation (`<environment_info>`, "
+              "`<reminderInstructions>`, `<environment_details>`, ...; \"F-1\") becomes a reference to it; one that "
+              "changed in a few lines becomes a positional diff against the previous one; nothing else changes"),
     Stage("dedup_tool_outputs", dedup_tool_outputs, switch="DEDUP_TOOL_OUTPUTS", flags=("MIN_TOOL_OUTPUT_CHARS",),
           doc="a tool result equal to an earlier one becomes `[Same output as tool call call_1 (read_file) above, "
               "unchanged.]`"),

@@ -59,7 +59,7 @@ SUMMARY_RATIO = 0.35  # the stand-in summariser's output length relative to its 
 CONVERSATION_SUMMARY_CHARS = 3000  # the stand-in's conversation summaries (~750 tokens)
 
 
-def stand_in_summary(messages, max_tokens, tools=None, thinking=False):
+def stand_in_summary(messages, max_tokens, tools=None, thinking=False, user=None):
     """Instead of DeepSeek: a system prompt comes back at SUMMARY_RATIO of its length, a
     conversation as CONVERSATION_SUMMARY_CHARS characters. The call is billed under the same
     prefix cache as the session, so a summary call that repeats the cached conversation hits."""
