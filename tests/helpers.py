@@ -171,6 +171,29 @@ class ProxyProcess(ProxyClient):
         return self.process.returncode
 
 
+class StateStack:
+    """The state a test module's ctx() uses; `with stack.configured(NAME=value):` swaps in a state
+    built with another configuration for the block (configuration is a value: nothing global moves)."""
+
+    def __init__(self, state):
+        self.states = [state]
+
+    @property
+    def current(self):
+        return self.states[-1]
+
+    def configured(self, **values):
+        stack = self
+
+        class Configured:
+            def __enter__(self):
+                stack.states.append(dp.ProxyState(dp.Config(**values), persist=False, api_key=""))
+
+            def __exit__(self, *exc):
+                stack.states.pop()
+        return Configured()
+
+
 def chat_body(**extra):
     """A minimal chat request, with any field added or replaced."""
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello."}]}

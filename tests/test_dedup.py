@@ -5,7 +5,7 @@ import copy
 import random
 import unittest
 
-from helpers import ProxyTestCase
+from helpers import ProxyTestCase, StateStack
 import deepseek_proxy as dp
 
 REMINDER = "<reminderInstructions>\nAlways run the tests. Keep answers short.\n</reminderInstructions>"
@@ -14,24 +14,12 @@ BLOCK = "```python\n" + "\n".join("x_%d = compute(%d)" % (i, i) for i in range(3
 
 
 STATE = dp.ProxyState(persist=False, api_key="")
-CONFIGURED = [STATE]  # the state ctx() uses; configured() swaps in one with another configuration
-
-
-class configured:
-    """Within the block, ctx() gives contexts of a proxy built with these configuration values."""
-
-    def __init__(self, **values):
-        self.state = dp.ProxyState(dp.Config(**values), persist=False, api_key="")
-
-    def __enter__(self):
-        CONFIGURED.append(self.state)
-
-    def __exit__(self, *exc):
-        CONFIGURED.pop()
+STATES = StateStack(STATE)  # the state ctx() uses
+configured = STATES.configured
 
 
 def ctx(body=None):
-    return dp.RequestContext(body or {}, CONFIGURED[-1])
+    return dp.RequestContext(body or {}, STATES.current)
 
 
 def user(text):

@@ -5,28 +5,16 @@ import re
 import time
 import unittest
 
-from helpers import ProxyTestCase
+from helpers import ProxyTestCase, StateStack
 import deepseek_proxy as dp
 
 STATE = dp.ProxyState(persist=False, api_key="")
-CONFIGURED = [STATE]  # the state ctx() uses; configured() swaps in one with another configuration
-
-
-class configured:
-    """Within the block, ctx() gives contexts of a proxy built with these configuration values."""
-
-    def __init__(self, **values):
-        self.state = dp.ProxyState(dp.Config(**values), persist=False, api_key="")
-
-    def __enter__(self):
-        CONFIGURED.append(self.state)
-
-    def __exit__(self, *exc):
-        CONFIGURED.pop()
+STATES = StateStack(STATE)  # the state ctx() uses
+configured = STATES.configured
 
 
 def ctx():
-    return dp.RequestContext({}, CONFIGURED[-1])
+    return dp.RequestContext({}, STATES.current)
 
 
 def code(lines, seed=0, start=0):
