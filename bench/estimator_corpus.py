@@ -200,20 +200,21 @@ KINDS.update({"Python code": python_code, "C code": c_code, "identifiers with di
               "whitespace-heavy": whitespace_heavy, "code, Chinese comments": code_with_chinese_comments})
 
 
-def corpus(samples=3, seed=2026, sizes=(40000, 80000, 120000)):
-    """[(kind, text)]: `samples` texts of each kind this machine has a source for, of the
-    character sizes given in turn."""
+def corpus(samples=3, seed=2026, sizes=(40000, 80000, 120000), kinds=None):
+    """[(kind, text)]: `samples` texts of each kind (or of `kinds`) this machine has a source for, of
+    the character sizes given in turn."""
     rng = random.Random(seed)
-    texts = [(kind, make(rng, sizes[index % len(sizes)])) for kind, make in KINDS.items() for index in range(samples)]
+    texts = [(kind, make(rng, sizes[index % len(sizes)])) for kind, make in KINDS.items() for index in range(samples)
+             if kinds is None or kind in kinds]
     return [(kind, text) for kind, text in texts if text]
 
 
-def measure(texts, count):
-    """{kind: [relative errors]} of the estimate against count(text), for texts of >= 10K real tokens."""
+def measure(texts, count, min_tokens=10000):
+    """{kind: [relative errors]} of the estimate against count(text), for texts of >= min_tokens real tokens."""
     errors = {}
     for kind, text in texts:
         real = count(text)
-        if real >= 10000:
+        if real >= min_tokens:
             errors.setdefault(kind, []).append((proxy.raw_tokens(text) - real) / real)
     return errors
 

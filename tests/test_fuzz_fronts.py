@@ -6,6 +6,8 @@ import json
 import unittest
 
 from helpers import ProxyTestCase
+from test_forward import Canned, Recorder
+import deepseek_proxy as dp
 
 CHAT = {"model": "gpt-4o", "stream": True, "stop": ["END"],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
@@ -75,43 +77,85 @@ def replaced(value, path, new):
     return body
 
 
-def is_error_shape(front, payload):
-    if front == "anthropic":
-        return payload.get("type") == "error" and isinstance(payload["error"].get("message"), str)
-    return isinstance(payload.get("error"), dict) and isinstance(payload["error"].get("message"), str)
+def canned_answer(stream):
+    """DeepSeek's answer, whole or streamed, as forward() reads it."""
+    chunks = [{"id": "x", "object": "chat.completion.chunk", "model": "deepseek-v4-flash",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "usage": usage}
+              for delta, finish, usage in (({"reasoning_content": "r"}, None, None), ({"content": "ok"}, None, None),
+                                           ({}, "stop", {"prompt_tokens": 10, "completion_tokens": 2}))]
+    if stream:
+        data = b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+    else:
+        data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2}}).encode()
+    return Canned(data)
 
 
-class EveryFieldEveryType(ProxyTestCase):
-    proxy_args = ("--log-level", "ERROR")
+class EveryFieldEveryType(unittest.TestCase):
+    """The front and explain, driven as the HTTP layer drives them (the body parsed and cleaned of
+    lone surrogates as read_json_body does), with a canned DeepSeek: thousands of requests in a second."""
 
-    def check_front(self, front, path, body):
+    def check_front(self, front, body):
+        state = dp.ProxyState(persist=False, api_key="sk-fuzz")
         failures = []
         for field in paths(body):
             for new in REPLACEMENTS:
-                mutated = replaced(body, field, new)
-                for route in (path, "/v1/proxy/explain"):
-                    data = json.dumps(mutated).encode()
-                    status, headers, raw = self.proxy.request("POST", route, data)
-                    where = "%s %s = %r" % (route, "/".join(map(str, field)), new)
-                    if status >= 500:
-                        failures.append("%s: %d %s" % (where, status, raw[:200]))
-                    elif status >= 400:
-                        if route == path and not is_error_shape(front, json.loads(raw)):
-                            failures.append("%s: %d not in the front's error shape" % (where, status))
-                    elif headers.get("Content-Type", "").startswith("text/event-stream"):
-                        if b"HTTP/1.1" in raw or any(mark in raw for mark in STREAM_ERRORS) \
-                                or not raw.endswith(b"\n\n"):
-                            failures.append("%s: broken stream %r" % (where, raw[-200:]))
+                raw = json.dumps(replaced(body, field, new)).encode()
+                where = "%s = %r" % ("/".join(map(str, field)), new)
+                for route in ("front", "explain"):
+                    try:
+                        mutated = dp.without_lone_surrogates(json.loads(raw))
+                        if route == "explain":
+                            json.dumps(dp.explain(mutated, state))
+                            continue
+                        exchange = front.exchange(mutated, state)
+                        prepared = dp.prepare(exchange.chat_body, state, client_body=mutated)
+                        writer = Recorder()
+                        outcome = dp.forward(prepared, exchange, front, writer,
+                                             upstream=lambda p: canned_answer(bool(p.upstream_body.get("stream"))))
+                    except dp.ClientError as error:
+                        if error.status >= 500 or not is_error_shape(front, front.error(error.status, error.message,
+                                                                                        error.code)):
+                            failures.append("%s %s: %d" % (route, where, error.status))
+                        continue
+                    except Exception as error:  # what HTTP would have answered 500
+                        failures.append("%s %s: %s: %s" % (route, where, type(error).__name__, error))
+                        continue
+                    data = writer.body
+                    if outcome.status != 200 or any(mark in data for mark in STREAM_ERRORS):
+                        failures.append("%s %s: status %d, %r" % (route, where, outcome.status, data[-200:]))
+                    json.dumps(mutated)  # what the dumps and /stats hold must encode
         self.assertEqual(failures, [], "\n".join(failures[:20]))
 
     def test_chat(self):
-        self.check_front("chat", "/v1/chat/completions", CHAT)
+        self.check_front(dp.ChatFront, CHAT)
 
     def test_anthropic(self):
-        self.check_front("anthropic", "/v1/messages", ANTHROPIC)
+        self.check_front(dp.AnthropicFront, ANTHROPIC)
 
     def test_responses(self):
-        self.check_front("responses", "/v1/responses", RESPONSES)
+        self.check_front(dp.ResponsesFront, RESPONSES)
+
+
+class ThroughHTTP(ProxyTestCase):
+    """A sample through the real HTTP layer: wrong types answered 4xx in the front's shape."""
+
+    def test_a_few_fields_of_each_front(self):
+        for front, path, body in (("chat", "/v1/chat/completions", CHAT), ("anthropic", "/v1/messages", ANTHROPIC),
+                                  ("responses", "/v1/responses", RESPONSES)):
+            for field in list(paths(body))[1:12]:
+                for new in (7, "\ud800x", {"a": 1}):
+                    status, _, raw = self.proxy.request("POST", path, json.dumps(replaced(body, field, new)).encode())
+                    self.assertLess(status, 500, "%s %s = %r" % (front, field, new))
+                    if status >= 400:
+                        self.assertTrue(is_error_shape(front, json.loads(raw)), (front, field, new))
+
+
+def is_error_shape(front, payload):
+    if front in ("anthropic", dp.AnthropicFront):
+        return payload.get("type") == "error" and isinstance(payload["error"].get("message"), str)
+    return isinstance(payload.get("error"), dict) and isinstance(payload["error"].get("message"), str)
 
 
 if __name__ == "__main__":
