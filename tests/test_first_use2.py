@@ -7,11 +7,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 
-from helpers import API_KEY, ROOT, ProxyProcess, ProxyTestCase, chat_body, patched_environ
+from helpers import ROOT, ProxyTestCase, chat_body, patched_environ
 from fake_deepseek import Answer, demo_agent, scripted
 import deepseek_proxy as dp
 

@@ -7,10 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
-from helpers import API_KEY, ROOT, ProxyTestCase
+from helpers import ROOT, ProxyTestCase
 import deepseek_proxy as dp
 from test_dedup import generated_conversation
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import API_KEY, ROOT, ProxyTestCase, chat_body, patched_environ, wait_for
+from helpers import API_KEY, ROOT, ProxyTestCase, chat_body, patched_environ
 from fake_deepseek import Answer, is_summary_request
 import deepseek_proxy as dp
 
