@@ -22,6 +22,11 @@ import deepseek_proxy as dp  # noqa: E402
 from fake_deepseek import FakeDeepSeek  # noqa: E402
 
 API_KEY = "sk-test-key-abcd"
+# The command line, run as a module: Python then reuses the compiled bytecode instead of compiling the
+# 240 KB script for each subprocess (90 ms each). A test of the literal `python deepseek_proxy.py`
+# stays in test_first_use.
+PROXY_COMMAND = [sys.executable, "-m", "deepseek_proxy"]
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 class ProxyClient:
@@ -48,8 +53,8 @@ class ProxyClient:
         return status, response_headers, json.loads(raw)
 
 
-TEST_ARGS = ["--log-level", "DEBUG", "--upstream-retry-base-sleep", "0.05",
-             "--summarise-retry-base-sleep", "0.05", "--shutdown-grace", "3"]
+TEST_ARGS = ["--log-level", "DEBUG", "--upstream-retry-base-sleep", "0.01",
+             "--summarise-retry-base-sleep", "0.01", "--shutdown-grace", "3"]
 
 
 class LogCapture(logging.Handler):
@@ -141,7 +146,7 @@ class ProxyProcess(ProxyClient):
         if key:
             environment["DEEPSEEK_API_KEY"] = key
         environment.update(env or {})
-        command = [sys.executable, os.path.join(ROOT, "deepseek_proxy.py"), "--port", "0",
+        command = PROXY_COMMAND + ["--port", "0",
                    "--upstream", upstream, "--data-dir", data_dir] + TEST_ARGS + list(args)
         self.log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log_file,

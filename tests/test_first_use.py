@@ -10,14 +10,16 @@ import sys
 import tempfile
 import unittest
 
-from helpers import API_KEY, ROOT, ProxyProcess, ProxyTestCase, chat_body, patched_environ
+from helpers import PROXY_COMMAND, API_KEY, ROOT, ProxyProcess, ProxyTestCase, chat_body, patched_environ
 import deepseek_proxy as dp
 
 SCRIPT = os.path.join(ROOT, "deepseek_proxy.py")
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=30,
+def run_cli(*args, literal=False):
+    """The command line; with literal=True exactly as the README writes it (python deepseek_proxy.py)."""
+    command = [sys.executable, SCRIPT] if literal else PROXY_COMMAND
+    return subprocess.run(command + list(args), capture_output=True, text=True, timeout=30,
                           env=dict(os.environ, DEEPSEEK_API_KEY=API_KEY))
 
 
@@ -31,7 +33,7 @@ class CommandLine(unittest.TestCase):
         self.assertNotIn("Traceback", result.stderr)
 
     def test_help_is_grouped_and_says_where_the_key_comes_from(self):
-        result = run_cli("--help")
+        result = run_cli("--help", literal=True)
         self.assertEqual(result.returncode, 0)
         for words in ("Upstream and model", "Conversation summarisation", "Server and security", "DEEPSEEK_API_KEY",
                       "K.dat", "PROXY_API_KEY", "--explain", "--check"):

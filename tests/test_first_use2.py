@@ -5,16 +5,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import unittest
 
-from helpers import ROOT, ProxyTestCase, chat_body, patched_environ
+from helpers import PROXY_COMMAND, ProxyTestCase, chat_body, patched_environ
 from fake_deepseek import Answer, demo_agent, scripted
 import deepseek_proxy as dp
 
-SCRIPT = os.path.join(ROOT, "deepseek_proxy.py")
 KEY = "sk-0123456789abcdef"
 
 
@@ -25,7 +23,7 @@ class PortInUse(unittest.TestCase):
         holder.listen()
         self.addCleanup(holder.close)
         port = holder.getsockname()[1]
-        result = subprocess.run([sys.executable, SCRIPT, "--port", str(port), "--data-dir", tempfile.mkdtemp()],
+        result = subprocess.run(PROXY_COMMAND + ["--port", str(port), "--data-dir", tempfile.mkdtemp()],
                                 capture_output=True, text=True, timeout=30, env=dict(os.environ, DEEPSEEK_API_KEY=KEY))
         self.assertEqual(result.returncode, 1)
         self.assertIn("Port %d on 127.0.0.1 is already in use" % port, result.stderr)
@@ -54,7 +52,7 @@ class KeyFile(unittest.TestCase):
         with patched_environ({"DEEPSEEK_API_KEY": None}), self.assertRaises(ValueError) as caught:
             dp.load_api_key(folder)
         self.assertIn(os.path.join(folder, "K.dat"), str(caught.exception))
-        result = subprocess.run([sys.executable, SCRIPT, "--data-dir", folder, "--port", "0"], capture_output=True,
+        result = subprocess.run(PROXY_COMMAND + ["--data-dir", folder, "--port", "0"], capture_output=True,
                                 text=True, timeout=30, env={k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"})
         self.assertEqual(result.returncode, 2)
         self.assertIn("does not look like an API key", result.stderr)
@@ -64,7 +62,7 @@ class KeyFile(unittest.TestCase):
         started_in = self.write(KEY.encode())
         data = tempfile.mkdtemp()
         env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"}
-        process = subprocess.Popen([sys.executable, SCRIPT, "--data-dir", data, "--port", "0", "--upstream",
+        process = subprocess.Popen(PROXY_COMMAND + ["--data-dir", data, "--port", "0", "--upstream",
                                     "http://127.0.0.1:9"], cwd=started_in, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
         try:
@@ -78,7 +76,7 @@ class KeyFile(unittest.TestCase):
     def test_the_missing_key_warning_says_where(self):
         data = tempfile.mkdtemp()
         env = {k: v for k, v in os.environ.items() if k != "DEEPSEEK_API_KEY"}
-        process = subprocess.Popen([sys.executable, SCRIPT, "--data-dir", data, "--port", "0"], cwd=data, env=env,
+        process = subprocess.Popen(PROXY_COMMAND + ["--data-dir", data, "--port", "0"], cwd=data, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             process.stdout.readline()
@@ -121,7 +119,7 @@ class WhatTheDashboardShows(ProxyTestCase):
 
 class Shutdown(ProxyTestCase):
     def test_a_second_signal_answers_open_requests_with_an_error_at_once(self):
-        self.fake.chunk_delay = 0.5  # a long streamed answer
+        self.fake.chunk_delay = 0.2  # a long streamed answer
         self.fake.responder = lambda body, number: Answer(content="word " * 40, reasoning="r")
         proxy = self.start_proxy(["--shutdown-grace", "30"], process=True)
         connection = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
@@ -132,7 +130,7 @@ class Shutdown(ProxyTestCase):
         self.assertIn(b"200 OK", first)
         started = time.monotonic()
         proxy.process.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        time.sleep(0.1)
         proxy.process.send_signal(signal.SIGINT)
         received = b""
         while True:

@@ -111,7 +111,7 @@ class Streaming(ProxyTestCase):
         self.assertEqual(message["reasoning_content"], "Need two files.")
 
     def test_events_are_not_buffered(self):
-        self.fake.chunk_delay = 0.12
+        self.fake.chunk_delay = 0.06
         self.fake.responder = lambda body, n: Answer(content="abcdefghij", reasoning="r")
         connection = http.client.HTTPConnection("127.0.0.1", self.proxy.port, timeout=30)
         connection.request("POST", "/v1/chat/completions", json.dumps(chat_body(stream=True)),
@@ -127,8 +127,8 @@ class Streaming(ProxyTestCase):
         connection.close()
         gaps = [later[0] - earlier[0] for earlier, later in zip(arrivals, arrivals[1:-1])]
         self.assertGreaterEqual(len(gaps), 4)
-        # Each event arrives as the fake sends it, ~0.12 s apart; a buffering relay delivers them together.
-        self.assertTrue(all(gap > 0.07 for gap in gaps), gaps)
+        # Each event arrives as the fake sends it, ~0.06 s apart; a buffering relay delivers them together.
+        self.assertTrue(all(gap > 0.035 for gap in gaps), gaps)
 
     def test_keepalive_comments_are_relayed(self):
         self.fake.keepalive_comments = 2
@@ -200,7 +200,7 @@ class Errors(ProxyTestCase):
         self.assertEqual(body["error"]["type"], "upstream_unreachable")
 
     def test_upstream_timeout_gives_504(self):
-        proxy = self.start_proxy(["--upstream-timeout", "0.3", "--upstream-max-retries", "0"])
+        proxy = self.start_proxy(["--upstream-timeout", "0.15", "--upstream-max-retries", "0"])
         self.fake.failures.append(("sleep", 1.0))
         status, _, body = proxy.chat(chat_body())
         self.assertEqual(status, 504)

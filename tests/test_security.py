@@ -133,7 +133,7 @@ class Isolation(ProxyTestCase):
 
     def test_conversations_opened_alike_do_not_wait_for_each_others_summaries(self):
         self.fake.responder = summary_agent
-        self.fake.summary_delay = 0.2
+        self.fake.summary_delay = 0.1
         conversations = [Conversation(self.proxy, task="Same task.") for _ in range(2)]
         for _ in range(40):
             for conversation in conversations:
@@ -148,7 +148,7 @@ class Isolation(ProxyTestCase):
 
 
 class BoundedResources(ProxyTestCase):
-    proxy_args = ("--max-connections", "4", "--client-timeout", "0.5", "--idle-timeout", "5")
+    proxy_args = ("--max-connections", "4", "--client-timeout", "0.3", "--idle-timeout", "5")
 
     def test_connections_over_the_cap_get_a_quick_503(self):
         busy = []  # connections in the middle of sending a request body: not idle, not evictable
@@ -249,7 +249,7 @@ class Files(ProxyTestCase):
 
     def test_reasoning_is_cached_before_the_answers_last_byte(self):
         """A client may send its next request the moment the finish chunk arrives."""
-        self.fake.done_delay = 0.5
+        self.fake.done_delay = 0.3
         self.fake.responder = lambda body, n: Answer(reasoning="thought %d" % n,
                                                      tool_calls=[("read_file", {"path": "a"})])
         messages = [{"role": "user", "content": "go"}]
@@ -296,12 +296,12 @@ class UpstreamHygiene(ProxyTestCase):
         self.assertLess(len(raw), 600)
 
     def test_retry_after_is_honoured_capped_and_passed_on(self):
-        proxy = self.start_proxy(["--upstream-retry-after-max", "0.4", "--upstream-max-retries", "1"])
+        proxy = self.start_proxy(["--upstream-retry-after-max", "0.2", "--upstream-max-retries", "1"])
         self.fake.failures.extend([("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})] * 2)
         started = time.monotonic()
         status, headers, _ = proxy.chat(chat_body())
         self.assertEqual(status, 429)
-        self.assertGreaterEqual(time.monotonic() - started, 0.4, "waited what Retry-After asked, capped")
+        self.assertGreaterEqual(time.monotonic() - started, 0.2, "waited what Retry-After asked, capped")
         self.assertEqual(headers.get("Retry-After"), "7")
 
 

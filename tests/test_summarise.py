@@ -130,7 +130,7 @@ class Summarisation(ProxyTestCase):
         self.assertEqual(len(self.summary_calls()), 3)
 
     def test_two_requests_crossing_at_once_make_one_call(self):
-        self.fake.summary_delay = 0.5
+        self.fake.summary_delay = 0.25
         conversation = Conversation(self.proxy)
         for _ in range(40):
             body = {"model": "x", "messages": conversation.messages, "tools": TOOLS}
@@ -159,11 +159,11 @@ class BackgroundWatermark(ProxyTestCase):
 
     def test_the_summary_is_ready_when_the_budget_is_crossed(self):
         self.fake.responder = agent_responder
-        self.fake.summary_delay = 0.25
+        self.fake.summary_delay = 0.12
         conversation = Conversation(self.proxy)
         latencies, calls_at = [], []
         for _ in range(40):
-            time.sleep(0.08)  # the agent runs its tool between requests
+            time.sleep(0.05)  # the agent runs its tool between requests
             started = time.monotonic()
             conversation.step()
             latencies.append(time.monotonic() - started)
@@ -175,7 +175,7 @@ class BackgroundWatermark(ProxyTestCase):
             self.fail("never summarised")
         self.assertEqual(calls_at[-1], 1, "one summary call, made before the crossing")
         self.assertIn("started in the background", self.proxy.log())
-        self.assertLess(max(latencies), 0.2, "no request waited for the 0.25 s summary call")
+        self.assertLess(max(latencies), 0.1, "no request waited for the 0.12 s summary call")
         conversation.step()
         following = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
         self.assertEqual(following[:len(sent)], sent, "the next request keeps the same bytes")
@@ -183,14 +183,14 @@ class BackgroundWatermark(ProxyTestCase):
     def test_without_the_watermark_the_crossing_request_waits(self):
         proxy = self.start_proxy(ARGS)
         self.fake.responder = agent_responder
-        self.fake.summary_delay = 0.4
+        self.fake.summary_delay = 0.2
         conversation = Conversation(proxy)
         latencies = []
         while not [r for r in self.fake.requests if is_summary_request(r)]:
             started = time.monotonic()
             conversation.step()
             latencies.append(time.monotonic() - started)
-        self.assertGreaterEqual(latencies[-1], 0.4)
+        self.assertGreaterEqual(latencies[-1], 0.2)
 
 
 class WindowFallback(ProxyTestCase):

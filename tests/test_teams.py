@@ -5,10 +5,9 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 
-from helpers import API_KEY, ROOT, ProxyTestCase, chat_body, patched_environ
+from helpers import PROXY_COMMAND, API_KEY, ProxyTestCase, chat_body, patched_environ
 from fake_deepseek import Answer, is_summary_request
 import deepseek_proxy as dp
 
@@ -139,7 +138,7 @@ class Team(ProxyTestCase):
 class AddKey(ProxyTestCase):
     def test_a_new_key_is_printed_once_and_only_its_digest_stored(self):
         path = os.path.join(self.data_dir, "team.json")
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "deepseek_proxy.py"), "--keys", path,
+        result = subprocess.run(PROXY_COMMAND + ["--keys", path,
                                  "--add-key", "carla"], capture_output=True, text=True, timeout=30)
         self.assertEqual(result.returncode, 0, result.stderr)
         key = result.stdout.strip()
@@ -148,7 +147,7 @@ class AddKey(ProxyTestCase):
             stored = handle.read()
         self.assertNotIn(key, stored)
         self.assertIn(hashlib.sha256(key.encode()).hexdigest(), stored)
-        again = subprocess.run([sys.executable, os.path.join(ROOT, "deepseek_proxy.py"), "--keys", path,
+        again = subprocess.run(PROXY_COMMAND + ["--keys", path,
                                 "--add-key", "carla"], capture_output=True, text=True, timeout=30)
         self.assertEqual(again.returncode, 2)
         self.assertIn("already has a key named", again.stderr)
