@@ -199,6 +199,16 @@ class StateStack:
         return Configured()
 
 
+def tool_rounds(*outputs, task="go", tool="read"):
+    """A conversation: the user's task, then one tool call and its result per output, in order."""
+    messages = [{"role": "user", "content": task}]
+    for number, output in enumerate(outputs):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c%d" % number, "type": "function", "function": {"name": tool, "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c%d" % number, "content": output}]
+    return messages
+
+
 def chat_body(**extra):
     """A minimal chat request, with any field added or replaced."""
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Say hello."}]}

@@ -9,7 +9,7 @@ import sys
 import time
 import unittest
 
-from helpers import (API_KEY, ProxyTestCase, chat_body, raw_exchange, wait_for)
+from helpers import API_KEY, ProxyTestCase, chat_body, raw_exchange, tool_rounds, wait_for
 import deepseek_proxy as dp
 from fake_deepseek import Answer, is_summary_request
 from test_summarise import ARGS as SUMMARY_ARGS, TOOLS, Conversation, agent_responder as summary_agent
@@ -47,14 +47,7 @@ class MemoryOfRequestsThatCostNothing(ProxyTestCase):
 
     def big_conversation(self, lines=3000):
         text = "\n".join("line %d of a file that is read again and again" % k for k in range(lines))
-        return {"model": "x", "messages": [
-            {"role": "user", "content": "read it"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": text},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c2", "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c2", "content": text + "\nchanged"}]}
+        return {"model": "x", "messages": tool_rounds(text, text + "\nchanged", task="read it")}
 
     def test_rejected_requests_leave_no_conversation_state(self):
         state = self.proxy.state
@@ -216,11 +209,7 @@ class QuadraticDiff(ProxyTestCase):
         state = self.proxy.state
         for name, first, second in self.adversarial_pairs():
             self.assertLessEqual(len(first), dp.NEAR_DUP_MAX_CHARS, name)
-            messages = [{"role": "user", "content": "go"}]
-            for number, text in enumerate((first, second)):
-                messages += [{"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c%d" % number, "type": "function", "function": {"name": "read", "arguments": "{}"}}]},
-                    {"role": "tool", "tool_call_id": "c%d" % number, "content": text}]
+            messages = tool_rounds(first, second)
             diffs = len(state.stores['dedup_near_duplicates'].deltas)
             started = time.monotonic()
             dp.prepare({"model": "x", "messages": messages}, state)

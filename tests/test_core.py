@@ -5,7 +5,7 @@ import json
 import unittest
 from unittest import mock
 
-from helpers import ProxyTestCase
+from helpers import ProxyTestCase, tool_rounds
 import deepseek_proxy as dp
 
 STATE = dp.ProxyState(persist=False, api_key="")
@@ -195,14 +195,7 @@ class ConfigurationIsAValue(ProxyTestCase):
     def test_two_configurations_side_by_side(self):
         plain = self.start_proxy(["--no-dedup-tool-outputs", "--no-near-duplicates", "--no-dedup-boilerplate"])
         output = "the same long tool output line, again and again\n" * 20
-        body = {"model": "x", "messages": [
-            {"role": "user", "content": "go"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "a", "type": "function", "function": {"name": "run", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "a", "content": output},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "b", "type": "function", "function": {"name": "run", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "b", "content": output}]}
+        body = {"model": "x", "messages": tool_rounds(output, output, tool="run")}
         for _ in range(2):
             for proxy in (self.proxy, plain):
                 self.assertEqual(proxy.chat(body)[0], 200)
