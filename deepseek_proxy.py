@@ -2166,16 +2166,17 @@ def dedup_boilerplate(messages, ctx):
         paragraphs = ctx.config.MIN_SEGMENT_CHARS and role == "user"
         spans = ctx.memo(finder, text)
         tags = [re.match(r"<([^\s>]+)", text[start:end]).group(1) for start, end in spans]
+        totals, seen_of_tag = collections.Counter(tags), collections.Counter()  # for "its Kth of them"
         pieces, last = [], 0
         for (start, end), tag in zip(spans, tags):
+            number = seen_of_tag[tag]
+            seen_of_tag[tag] += 1
             if start and text[start - 1] != "\n":
                 continue  # a tag inside a line (a numbered file view, a quote) is content, not boilerplate
             plain = text[last:start]
             pieces.append(reduce_paragraphs(plain, position) if paragraphs else plain)
             block = text[start:end]
-            same_tag = [other for other in range(len(tags)) if tags[other] == tag]
-            reduced = reduce_block(block, position, tag, same_tag.index(spans.index((start, end))), len(same_tag),
-                                   end == len(text) or text[end] == "\n")
+            reduced = reduce_block(block, position, tag, number, totals[tag], end == len(text) or text[end] == "\n")
             if reduced != block:
                 ctx.removed("dedup_boilerplate", block, reduced)
             pieces.append(reduced)
