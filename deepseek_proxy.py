@@ -2157,10 +2157,7 @@ def dedup_boilerplate(messages, ctx):
                 if found is None:
                     remember(fingerprint, (position, None, 0, 1))
             out.append(part)
-        reduced = "".join(out)
-        if reduced != text:
-            ctx.removed("dedup_boilerplate", text, reduced)
-        return reduced
+        return "".join(out)
 
     def reduce_text(text, role, position):
         paragraphs = ctx.config.MIN_SEGMENT_CHARS and role == "user"
@@ -2176,14 +2173,15 @@ def dedup_boilerplate(messages, ctx):
             plain = text[last:start]
             pieces.append(reduce_paragraphs(plain, position) if paragraphs else plain)
             block = text[start:end]
-            reduced = reduce_block(block, position, tag, number, totals[tag], end == len(text) or text[end] == "\n")
-            if reduced != block:
-                ctx.removed("dedup_boilerplate", block, reduced)
-            pieces.append(reduced)
+            pieces.append(reduce_block(block, position, tag, number, totals[tag],
+                                       end == len(text) or text[end] == "\n"))
             last = end
         tail = text[last:]
         pieces.append(reduce_paragraphs(tail, position) if paragraphs else tail)
-        return "".join(pieces)
+        result = "".join(pieces)
+        if result != text:
+            ctx.removed("dedup_boilerplate", text, result)  # once per text, not per block
+        return result
 
     result = []
     for position, message in enumerate(messages):

@@ -92,7 +92,7 @@ PATHOLOGICAL = {
     "blank-line runs": "\n \n" * 300000,
     "CJK": "中文文本测试" * 170000,
     "nested boilerplate": "<environment_details><userMemory>" * 30000,
-    "closed boilerplate blocks": "<userMemory>a</userMemory>\n" * 40000,
+    "closed boilerplate blocks": "<userMemory>a</userMemory>\n" * 36000,
 }
 
 
