@@ -3598,8 +3598,6 @@ def forward(prepared, exchange, front, writer, upstream=None):
         writer.send(error.status, json.dumps(payload, ensure_ascii=False).encode("utf-8", "replace"), headers)
     finally:
         outcome = settle(prepared, collector, failure, client_gone)
-        if outcome.status == 200:
-            exchange.finished(prepared, collector, outcome)
     return outcome
 
 
@@ -3926,7 +3924,6 @@ def undo_boilerplate(messages, config):
 #   answer(raw, answer, collector) -> bytes       a whole answer in the front's shape
 #   stream_start() / stream_event(raw, chunks) / stream_keepalive() / stream_end(collector) /
 #   stream_error(message) -> bytes                 the front's SSE events
-#   finished(prepared, collector, outcome)        after the answer (the Responses store)
 # and error(status, message, code) is the front's error envelope.
 #
 # Reasoning leaves the proxy sealed (seal(): the text and an HMAC keyed by the proxy's DeepSeek key)
@@ -4005,9 +4002,6 @@ class Exchange:
 
     def stream_end(self, collector):
         return b""
-
-    def finished(self, prepared, collector, outcome):
-        pass
 
 
 class ChatExchange(Exchange):
@@ -4310,6 +4304,7 @@ class ResponseStore:
         size = len(json.dumps(entry))
         if size > self.max_bytes:
             return
+        entry = dict(entry, bytes=size)
         with self._lock:
             self.items[response_id] = (size, entry)
             self.bytes += size
@@ -4324,12 +4319,6 @@ class ResponseStore:
                 return None
             self.items.move_to_end(response_id)
             return found[1]
-
-    def size_of(self, response_id):
-        """Bytes (as JSON) of a stored response: what naming it adds to a request in memory."""
-        with self._lock:
-            found = self.items.get(response_id) if isinstance(response_id, str) else None
-            return found[0] if found else 0
 
 
 def responses_text(content, notes):
@@ -4408,14 +4397,14 @@ class ResponsesTools:
 
 def responses_to_chat(body, state, tools, notes, user=None):
     """The chat messages for a Responses request: instructions, the stored history of
-    previous_response_id, then the input items."""
+    previous_response_id, then the input items; and the bytes that stored history weighs."""
     messages = []
     instructions = body.get("instructions")
     if instructions:
         require(isinstance(instructions, str), "'instructions' must be a string.")
         messages.append({"role": "system", "content": instructions})
     previous = body.get("previous_response_id")
-    history = []
+    history, stored_bytes = [], 0
     if previous is not None:
         stored = state.responses.get(previous) if isinstance(previous, str) else None
         if stored is not None and stored.get("owner") != user:
@@ -4423,7 +4412,7 @@ def responses_to_chat(body, state, tools, notes, user=None):
         if stored is None:
             raise ClientError(400, "Previous response with id '%s' not found." % str(previous)[:100],
                               "previous_response_not_found")
-        history = [dict(message) for message in stored["history"]]
+        history, stored_bytes = [dict(message) for message in stored["history"]], stored["bytes"]
     items = body.get("input")
     if isinstance(items, str):
         items = [{"type": "message", "role": "user", "content": items}]
@@ -4473,7 +4462,7 @@ def responses_to_chat(body, state, tools, notes, user=None):
         else:
             notes.append("input item %s dropped" % str(kind)[:40])
     flush()
-    return messages, history
+    return messages, history, stored_bytes
 
 
 class ResponsesExchange(Exchange):
@@ -4482,9 +4471,8 @@ class ResponsesExchange(Exchange):
     def __init__(self, body, state, user=None):
         check_request(body, RESPONSES_REQUEST)
         self.state, self.body, self.notes, self.user = state, body, [], user
-        self.expanded_bytes = state.responses.size_of(body.get("previous_response_id"))
         self.tools = ResponsesTools(body.get("tools"), self.notes)
-        instructions, self.history = responses_to_chat(body, state, self.tools, self.notes, user)
+        instructions, self.history, self.expanded_bytes = responses_to_chat(body, state, self.tools, self.notes, user)
         require(instructions or self.history, "'input' must not be empty.")
         self.chat_body = {"model": state.config.DEFAULT_MODEL, "messages": instructions + self.history,
                           "stream": bool(body.get("stream"))}
@@ -4561,6 +4549,7 @@ class ResponsesExchange(Exchange):
 
     def answer(self, raw, answer, collector):
         self.final = self.response(self.status(collector), self.output(collector.message()), collector.usage)
+        self.keep(collector)
         return json.dumps(self.final, ensure_ascii=False).encode("utf-8")
 
     # -- streams
@@ -4681,6 +4670,7 @@ class ResponsesExchange(Exchange):
     def stream_end(self, collector):
         out = self.close_item()
         self.final = self.response(self.status(collector), [entry["item"] for entry in self.items], collector.usage)
+        self.keep(collector)
         kind = "response.completed" if self.final["status"] == "completed" else "response.incomplete"
         return out + self.event(kind, {"response": self.final})
 
@@ -4689,12 +4679,12 @@ class ResponsesExchange(Exchange):
                                error={"code": "server_error", "message": message})
         return self.close_item() + self.event("response.failed", {"response": failed})
 
-    def finished(self, prepared, collector, outcome):
-        if outcome.status != 200 or self.body.get("store") is False or not hasattr(self, "final"):
-            return
-        answer = collector.message()
-        self.state.responses.put(self.id, {"history": self.history + [answer], "response": self.final,
-                                           "owner": self.user})
+    def keep(self, collector):
+        """Store the response for previous_response_id before its last bytes are written: a client
+        may name it the moment it has read them."""
+        if self.body.get("store") is not False:
+            self.state.responses.put(self.id, {"history": self.history + [collector.message()],
+                                               "response": self.final, "owner": self.user})
 
 
 class ResponsesFront(Front):

@@ -216,6 +216,7 @@ class FakeDeepSeek:
         self.failures = collections.deque()
         self.summary_failures = collections.deque()  # the same, for the proxy's summary calls only
         self.summary_delay = 0.0  # seconds a summary call takes
+        self.summary_gate = None  # a threading.Event: summary calls wait for it (at most 10 s)
         self.requests = []  # every chat request body, in arrival order
         self.headers = []  # their headers
         self.answers = []  # every answer message produced
@@ -490,6 +491,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             failure = queue.popleft() if queue else None
         if is_summary_request(body) and fake.summary_delay:
             time.sleep(fake.summary_delay)
+        if is_summary_request(body) and fake.summary_gate is not None:
+            fake.summary_gate.wait(10)
         if failure and failure[0] == "status":
             return self.send_json(failure[1], failure[2] if len(failure) > 2 else error("injected"),
                                   failure[3] if len(failure) > 3 else None)

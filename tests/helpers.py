@@ -154,6 +154,9 @@ class ProxyProcess(ProxyClient):
         line = self.process.stdout.readline().decode()
         if not line.startswith("LISTENING"):
             self.process.kill()
+            self.process.wait()
+            self.process.stdout.close()
+            self.log_file.close()
             raise RuntimeError("proxy did not start: %r\n%s" % (line, self.log()))
         self.port = int(line.rsplit(":", 1)[1])
 

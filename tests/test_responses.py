@@ -74,6 +74,26 @@ class Translation(unittest.TestCase):
         spaced = exchange.tools.item({"id": "c8", "function": {"name": "github__open_pr", "arguments": "{}"}}, "fc_1")
         self.assertEqual((spaced["name"], spaced["namespace"]), ("open_pr", "github"))
 
+    def test_the_response_is_stored_before_its_last_bytes_are_written(self):
+        # a client may name it in previous_response_id the moment it has read response.completed
+        state = dp.ProxyState(persist=False, api_key=API_KEY)
+        for stream in (False, True):
+            exchange = dp.ResponsesExchange({"input": "hi", "stream": stream}, state)
+            collector = dp.AnswerCollector()
+            answer = {"choices": [{"message": {"role": "assistant", "content": "Hello."}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+            collector.feed_response(answer)
+            if stream:
+                exchange.stream_start()
+                exchange.stream_end(collector)
+            else:
+                exchange.answer(json.dumps(answer).encode(), answer, collector)
+            stored = state.responses.get(exchange.id)
+            self.assertEqual(stored["history"][-1]["content"], "Hello.")
+            follow = dp.ResponsesExchange({"input": "more", "previous_response_id": exchange.id}, state)
+            self.assertEqual(follow.expanded_bytes, stored["bytes"], "naming it weighs what it holds")
+            self.assertGreater(follow.expanded_bytes, 0)
+
     def test_malformed_requests_are_400s(self):
         for body in ([], {}, {"input": 5}, {"input": [5]}, {"input": [{"role": "robot", "content": "x"}]},
                      {"input": [{"type": "function_call", "name": "f"}]}, {"input": "x", "tools": [{}]},

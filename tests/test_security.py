@@ -152,22 +152,25 @@ class BoundedResources(ProxyTestCase):
     proxy_args = ("--max-connections", "4", "--client-timeout", "0.3", "--idle-timeout", "5")
 
     def test_connections_over_the_cap_get_a_quick_503(self):
+        # a long client timeout: the half-sent bodies must still be open when the fifth arrives, however
+        # slow the machine (with 0.3 s a loaded CI box cut them off first and the fifth got in)
+        proxy = self.start_proxy(["--max-connections", "4", "--client-timeout", "30", "--idle-timeout", "5"])
         busy = []  # connections in the middle of sending a request body: not idle, not evictable
         for _ in range(4):
-            sock = socket.create_connection(("127.0.0.1", self.proxy.port))
+            sock = socket.create_connection(("127.0.0.1", proxy.port))
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
             busy.append(sock)
         self.addCleanup(lambda: [sock.close() for sock in busy])
-        self.assertTrue(wait_for(lambda: self.proxy.server.connections == 4 and not self.proxy.server.idle))
+        self.assertTrue(wait_for(lambda: proxy.server.connections == 4 and not proxy.server.idle))
         started = time.monotonic()
-        answer = raw_request(self.proxy.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = raw_request(proxy.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
         self.assertIn(b"Retry-After", answer)
         self.assertLess(time.monotonic() - started, 1.0)
         for sock in busy:
             sock.close()
-        self.assertTrue(wait_for(lambda: self.proxy.request("GET", "/health")[0] == 200, timeout=3))
+        self.assertTrue(wait_for(lambda: proxy.request("GET", "/health")[0] == 200, timeout=3))
 
     def test_a_trickling_client_is_cut_off_at_the_total_deadline(self):
         started = time.monotonic()
