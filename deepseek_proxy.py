@@ -3516,14 +3516,22 @@ def answer_ended(prepared, collector):
                 log.warning("[%s] answer hook of %s failed", prepared.ctx.request_id, stage.name, exc_info=True)
 
 
+def note_refusal(prepared, failure):
+    """DeepSeek refused the request itself (a 4xx other than auth, payment, timeout, rate): paying to
+    summarise the conversation won't help, so its next requests pay for none until one succeeds.
+    Noted before the client sees the error, which it may answer at once with the same request."""
+    if 400 <= failure.status < 500 and failure.status not in (401, 402, 408, 429):
+        prepared.ctx.state.rejected.put(prepared.ctx.conversation_key, True)
+
+
 def settle(prepared, collector=None, failure=None, client_gone=False):
     """The Outcome of a forwarded request: DeepSeek's failure status, 499 when the client left,
     502 when the answer broke off, else 200 (and the answer hooks have run)."""
     usage = collector.usage if collector else None
     state, conversation = prepared.ctx.state, prepared.ctx.conversation_key
-    if failure is not None and 400 <= failure.status < 500 and failure.status not in (401, 402, 408, 429):
-        state.rejected.put(conversation, True)  # the request itself is wrong: paying to summarise it won't help
-    elif failure is None and state.rejected.get(conversation):
+    if failure is not None:
+        note_refusal(prepared, failure)
+    elif state.rejected.get(conversation):
         state.rejected.put(conversation, False)
     if failure is not None:
         called = failure.status not in (502, 504) or bool(collector)
@@ -3591,6 +3599,7 @@ def forward(prepared, exchange, front, writer, upstream=None):
             relay_whole(response, prepared, collector, exchange, writer)
     except UpstreamError as error:
         failure = error
+        note_refusal(prepared, error)
         headers = response_headers(ctx)
         if error.retry_after is not None:
             headers["Retry-After"] = str(int(error.retry_after + 0.999))
@@ -5271,6 +5280,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     server_version = "deepseek-proxy/" + __version__
 
     member = None  # the named key (--keys) of the request being answered
+    unrecorded = False  # this request's answer is going out and it is not yet recorded (Unrecorded)
 
     def setup(self):
         super().setup()
@@ -5357,6 +5367,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                                          "key into K.dat, then restart the proxy")
             self.send_json(200 if self.state.api_key else 503, health)
         elif path in ("/stats", "/v1/stats"):
+            self.state.unrecorded.wait()
             self.send_json(200, self.state.stats.snapshot(self.state))
         elif path.startswith("/dumps/") and self.member:
             self.send_error_json(403, "Message dumps hold everyone's prompts: only the --proxy-key may read them.",
@@ -5541,12 +5552,24 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.reserve(exchange.expanded_bytes)
         prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user)
         prepared.ctx.notes.extend(exchange.notes)
-        outcome = forward(prepared, exchange, front, self)
-        record(self.state, prepared, outcome, self.route())
+        try:
+            outcome = forward(prepared, exchange, front, self)
+            record(self.state, prepared, outcome, self.route())
+        finally:
+            if self.unrecorded:
+                self.unrecorded = False
+                self.state.unrecorded.leave()
 
     # -- the writer forward() answers through (see Writer)
 
+    def last_bytes(self):
+        """The answer's last bytes go out next: /stats waits until this request is recorded."""
+        if not self.unrecorded:
+            self.unrecorded = True
+            self.state.unrecorded.enter()
+
     def send(self, status, data, headers):
+        self.last_bytes()
         self.send_body(status, data, "application/json", headers)
 
     def open_stream(self, headers):
@@ -5566,6 +5589,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def end(self):
+        self.last_bytes()
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -5858,6 +5882,28 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 # main(): configuration, the one state object, the server, signals.
 # =====================================================================================================
 
+class Unrecorded:
+    """Requests whose answer's last bytes are being written but not yet recorded: /stats waits for
+    them (at most `patience` seconds), so that a client that has read an answer sees it counted."""
+
+    def __init__(self):
+        self.count = 0
+        self._done = threading.Condition()
+
+    def enter(self):
+        with self._done:
+            self.count += 1
+
+    def leave(self):
+        with self._done:
+            self.count -= 1
+            self._done.notify_all()
+
+    def wait(self, patience=1.0):
+        with self._done:
+            self._done.wait_for(lambda: self.count <= 0, timeout=patience)
+
+
 class ProxyState:
     """Everything one running proxy holds besides configuration: the key, the upstream pool, the
     caches and stores, calibration and stats. Tests and benchmarks build as many as they like.
@@ -5891,6 +5937,7 @@ class ProxyState:
         self.rejected = LRU(1024)  # conversations whose last request DeepSeek refused (4xx): no summary paid
         self.crossed = LRU(4096)  # conversations that were summarised: their summaries keep applying
         self.stores = {stage.name: stage.store(self) for stage in PIPELINE if stage.store}  # what stages keep
+        self.unrecorded = Unrecorded()  # answers whose last bytes are going out but not yet in the stats
 
     def message_json(self, message):
         """json.dumps of one upstream message (byte-identical), its text content's JSON string taken

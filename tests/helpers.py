@@ -22,6 +22,13 @@ import deepseek_proxy as dp  # noqa: E402
 from fake_deepseek import FakeDeepSeek  # noqa: E402
 
 API_KEY = "sk-test-key-abcd"
+# Seconds a stage may take on the megabyte inputs of the linearity tests. A quadratic stage takes
+# minutes on them, so this catches one on a machine ten times slower or loaded; the speed goals
+# themselves are measured in bench/ (bench/overhead.py), never asserted here.
+NOT_QUADRATIC = 10.0
+# Seconds within which "at once" answers (a 503 at the cap, /health meanwhile) must come, against
+# the 30 s deadlines they must not wait for.
+AT_ONCE = 5.0
 # The command line, run as a module: Python then reuses the compiled bytecode instead of compiling the
 # 240 KB script for each subprocess (90 ms each). A test of the literal `python deepseek_proxy.py`
 # stays in test_first_use.

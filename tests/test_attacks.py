@@ -9,7 +9,7 @@ import sys
 import time
 import unittest
 
-from helpers import API_KEY, ProxyTestCase, chat_body, raw_exchange, tool_rounds, wait_for
+from helpers import API_KEY, NOT_QUADRATIC, ProxyTestCase, chat_body, raw_exchange, tool_rounds, wait_for
 import deepseek_proxy as dp
 from fake_deepseek import Answer, is_summary_request
 from test_summarise import ARGS as SUMMARY_ARGS, TOOLS, Conversation, agent_responder as summary_agent
@@ -205,7 +205,7 @@ class QuadraticDiff(ProxyTestCase):
         yield "repeats between anchors", "\n".join("anchor line number %d of this file\n" % k + "x\ny\n" * 40 for k in range(1500)), \
             "\n".join("anchor line number %d of this file\n" % k + "y\nx\n" * 40 for k in range(1500))
 
-    def test_megabyte_adversarial_blocks_finish_in_under_a_second(self):
+    def test_megabyte_adversarial_blocks_finish_in_linear_time(self):
         state = self.proxy.state
         for name, first, second in self.adversarial_pairs():
             self.assertLessEqual(len(first), dp.NEAR_DUP_MAX_CHARS, name)
@@ -213,7 +213,7 @@ class QuadraticDiff(ProxyTestCase):
             diffs = len(state.stores['dedup_near_duplicates'].deltas)
             started = time.monotonic()
             dp.prepare({"model": "x", "messages": messages}, state)
-            self.assertLess(time.monotonic() - started, 1.0, name)
+            self.assertLess(time.monotonic() - started, NOT_QUADRATIC, name)
             self.assertEqual(len(state.stores['dedup_near_duplicates'].deltas), diffs + 1, "the pair was diffed: " + name)
 
     def test_every_diff_rebuilds_exactly(self):

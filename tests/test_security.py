@@ -9,7 +9,7 @@ import threading
 import time
 import unittest
 
-from helpers import (API_KEY, FakeDeepSeek, ProxyTestCase, assemble_stream, chat_body, raw_exchange,
+from helpers import (API_KEY, AT_ONCE, NOT_QUADRATIC, FakeDeepSeek, ProxyTestCase, assemble_stream, chat_body, raw_exchange,
                      run_in_threads, wait_for)
 import deepseek_proxy as dp
 from fake_deepseek import Answer, is_summary_request
@@ -106,7 +106,7 @@ class LinearStages(ProxyTestCase):
                         {"role": "assistant", "content": text}, {"role": "user", "content": text}]
             started = time.monotonic()
             dp.prepare({"model": "x", "messages": messages}, state)
-            self.assertLess(time.monotonic() - started, 1.0, name)
+            self.assertLess(time.monotonic() - started, NOT_QUADRATIC, name)
 
         def big_request(index):
             text = list(PATHOLOGICAL.values())[index % len(PATHOLOGICAL)]
@@ -115,7 +115,7 @@ class LinearStages(ProxyTestCase):
         worker.start()
         started = time.monotonic()
         self.assertEqual(self.proxy.request("GET", "/health")[0], 200)
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, AT_ONCE)
         worker.join(30)
 
     def test_deep_nesting_with_a_lone_surrogate_is_a_400(self):
@@ -167,7 +167,7 @@ class BoundedResources(ProxyTestCase):
         answer = raw_request(proxy.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         self.assertIn(b" 503 ", answer.split(b"\r\n")[0])
         self.assertIn(b"Retry-After", answer)
-        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertLess(time.monotonic() - started, AT_ONCE)
         for sock in busy:
             sock.close()
         self.assertTrue(wait_for(lambda: proxy.request("GET", "/health")[0] == 200, timeout=3))

@@ -16,6 +16,13 @@ class Stats(ProxyTestCase):
         self.assertEqual(status, 200)
         return json.loads(raw)
 
+    def test_an_answer_the_client_has_read_is_already_counted(self):
+        # the stats are recorded after the answer's last bytes; /stats waits for those in between
+        for number in range(1, 13):
+            self.assertEqual(self.proxy.chat(chat_body(stream=bool(number % 2)))[0], 200)
+            self.assertEqual(self.stats()["requests"]["total"], number)
+        self.assertEqual(self.proxy.state.unrecorded.count, 0)
+
     def test_stats_equal_the_sums_of_deepseeks_usage(self):
         for stream in (False, True, False, True):
             self.assertEqual(self.proxy.chat(chat_body(stream=stream))[0], 200)
