@@ -128,7 +128,7 @@ DELTA_MEMORY_CHARS = 16 * 1024 * 1024  # characters of computed near-duplicate d
 # -- System-prompt compression
 COMPRESS_SYSTEM = True  # summarise long, recurring system prompts once through DeepSeek and send the summary
 SYSTEM_MIN_CHARS = 8000  # characters; shorter system prompts are sent as they are
-SYSTEM_MIN_SEEN = 2  # requests that must carry a system prompt before its summary is paid for
+SYSTEM_MIN_SEEN = 2  # conversations a system prompt must have opened before its summary is paid for
 SYSTEM_MAX_RATIO = 0.7  # a summary longer than this fraction of the original is rejected
 SYSTEM_WAIT = 0.0  # seconds a request waits for a new summary; 0: send the original, summarise behind
 SYSTEM_SUMMARY_MAX_TOKENS = 8000  # tokens; max_tokens of a system-prompt summary call
@@ -1626,6 +1626,20 @@ class RequestContext:
                 self._conversation_key = self.chain[-1].hex()
         return self._conversation_key
 
+    @property
+    def opening_key(self):
+        """The conversation's opening: its history before its first assistant turn, which is what its
+        first request sent. The same in that request and in every later one of the conversation."""
+        for index, message in enumerate(self.normalised or ()):
+            if message["role"] == "assistant":
+                return self.chain[index].hex()
+        return self.chain[-1].hex()
+
+    @property
+    def opening(self):
+        """Whether this request is its conversation's first (no assistant turn yet)."""
+        return not any(message["role"] == "assistant" for message in self.normalised or ())
+
     def message_tokens(self, message):
         """Estimated tokens of a message, computed once per message object in this request (the
         stages pass unchanged messages on as the same objects)."""
@@ -2654,8 +2668,8 @@ class SystemPromptStore:
     """Summaries of system prompts by the SHA-256 of the original: post_sys/<sha256>.txt on disk
     (re-read when its mtime changes, so a hand-edited summary is used), mirrored in a small LRU.
 
-    A summary is a paid call, so a prompt is summarised only once SYSTEM_MIN_SEEN requests carried
-    it (a prompt seen once is not worth it), at most SYSTEM_SUMMARIES_PER_HOUR times an hour, and
+    A summary is a paid call, so a prompt is summarised only once it has opened SYSTEM_MIN_SEEN
+    conversations and recurred enough to pay back (required_sightings), at most SYSTEM_SUMMARIES_PER_HOUR times an hour, and
     only MAX_SYSTEM_PROMPTS summaries (and originals) are kept on disk. One background thread makes
     it however many requests bring the prompt at once; a request waits for it up to SYSTEM_WAIT
     seconds. A summary that is not at most SYSTEM_MAX_RATIO of the original is rejected by storing
@@ -2665,42 +2679,50 @@ class SystemPromptStore:
     def __init__(self, state):
         self.state = state
         self.memory = LRU(256)  # digest -> (mtime or None, text)
-        self.seen = LRU(4096)  # digest -> requests that carried the prompt
+        self.seen = LRU(4096)  # digest -> (requests that carried the prompt, conversations it opened)
+        self.opened = LRU(8192)  # conversation opening -> whether its first request sent the summary
         self.flight = SingleFlight("system prompt", 60.0)
         self.recent_calls = collections.deque()  # monotonic times of summary calls in the last hour
         self.capped = LRU(1024)  # digests already reported as over the hourly cap
         self.ledger = LRU(256)  # digest -> what its summary cost and returned (summary_ledger)
         self._lock = threading.Lock()
 
-    def lookup(self, text, explain=False, user=None):
+    def lookup(self, text, explain=False, user=None, opening=True):
         """The text to send for this system prompt: its summary, or None while there is none.
-        With explain=True, only what is stored: nothing is counted or started."""
+        With explain=True, only what is stored: nothing is counted or started. `opening`: the
+        request is its conversation's first (only such a request waits for a summary it starts,
+        and only openings count toward SYSTEM_MIN_SEEN)."""
         digest = sha256_text(text)
         found = self._stored(digest)
         if found is not None or explain:
             return found
-        count = (self.seen.get(digest) or 0) + 1
-        self.seen.put(digest, count)
-        if count < self.required_sightings() or not self._within_hourly_cap(digest):
+        requests, openings = self.seen.get(digest) or (0, 0)
+        requests, openings = requests + 1, openings + bool(opening)
+        self.seen.put(digest, (requests, openings))
+        if openings < self.state.config.SYSTEM_MIN_SEEN or requests < self.required_sightings() \
+                or not self._within_hourly_cap(digest):
             return None
         status, done = self.flight.begin(digest)
         if status == "run":
             threading.Thread(target=self._summarise, args=(digest, text, done, user), daemon=True,
                              name="summarise-system-" + digest[:8]).start()
-        if done is not None and self.state.config.SYSTEM_WAIT > 0:
+        if done is not None and opening and self.state.config.SYSTEM_WAIT > 0:
             done.wait(self.state.config.SYSTEM_WAIT)
             return self._stored(digest)
         return None
 
     def required_sightings(self):
-        """How many requests must carry a prompt before its summary is paid for: SYSTEM_MIN_SEEN,
-        and with SYSTEM_PAYBACK enough that the uses still to come are expected to repay it. A prompt
-        seen n times is expected to come RECURRENCE x n times more: an agent's system prompt leads
-        every request of a session (dozens) and comes back in its next sessions, where post_sys/
-        still holds the summary. So it is summarised once n x RECURRENCE reaches the break-even."""
+        """How many requests must carry a prompt before its summary is paid for (besides its having
+        opened SYSTEM_MIN_SEEN conversations): with SYSTEM_PAYBACK, enough that the uses still to
+        come are expected to repay it. A prompt seen n times is expected to come RECURRENCE x n times
+        more: an agent's system prompt leads every request of a session (dozens) and comes back in
+        its next sessions, where post_sys/ still holds the summary. So it is summarised once
+        n x RECURRENCE reaches the break-even. A summary serves only conversations that open after
+        it (compress_system_prompt), so a prompt that opened one conversation is not summarised:
+        the session in which it is paid for gets nothing from it."""
         config = self.state.config
         needed = math.ceil(break_even_uses(config) / RECURRENCE) if config.SYSTEM_PAYBACK else 0
-        return max(config.SYSTEM_MIN_SEEN, needed)
+        return max(1, needed)
 
     def record_use(self, text, summary):
         """A request sent `summary` for `text`: its share of what the summary returns (/stats)."""
@@ -2826,13 +2848,27 @@ def describe_error(error):
 def compress_system_prompt(messages, ctx):
     """A system message of at least SYSTEM_MIN_CHARS is replaced by its summary, made once per
     distinct recurring prompt through DeepSeek and kept in post_sys/<sha256>.txt (originals in
-    pre_sys/). Until the summary exists the original goes (SYSTEM_WAIT = 0), so no request waits."""
+    pre_sys/). Until the summary exists the original goes (SYSTEM_WAIT = 0), so no request waits.
+
+    A conversation keeps the form its first request sent: a summary that arrives mid-conversation
+    is used by the conversations that open after it, never switched in under one whose prefix
+    DeepSeek has cached with the original (that switch makes the whole history a cache miss once;
+    on recorded Claude Code, Codex and Qwen Code sessions of 20 requests it cost more than the
+    summary saved). A conversation whose opening the proxy does not remember (a restart) takes
+    the summary when there is one."""
+    system_prompts, opening = ctx.state.system_prompts, ctx.opening
     result = []
     for message in messages:
         if message["role"] == "system":
             text = content_text(message.get("content"))
             if len(text) >= ctx.config.SYSTEM_MIN_CHARS and not has_non_text_parts(message.get("content")):
-                summary = ctx.state.system_prompts.lookup(text, ctx.explain, ctx.user)
+                summary = system_prompts.lookup(text, ctx.explain, ctx.user, opening)
+                opened = None if opening else system_prompts.opened.get(ctx.opening_key)
+                if opened is False:
+                    summary = None  # the conversation opened with the original: it keeps it
+                if opening and not ctx.explain:
+                    used = summary is not None and summary != text
+                    ctx.keep(lambda key=ctx.opening_key, used=used: system_prompts.opened.put(key, used))
                 if summary is not None and summary != text:
                     if not ctx.explain:
                         ctx.state.system_prompts.record_use(text, summary)
@@ -4977,8 +5013,10 @@ class Stats:
             "users": self.users(),
             "system_prompt_summaries": {
                 "break_even_uses": round(break_even_uses(self.config), 1),
-                "rule": "a prompt is summarised once seen %d time%s; a summary pays back after about %d uses, so "
-                        "the first session pays for the next ones" % (
+                "rule": "a prompt is summarised once it has opened %d conversation%s and been sent %d time%s; a "
+                        "summary serves the conversations that open after it and pays back after about %d uses, "
+                        "so the first sessions pay for the next ones" % (
+                            self.config.SYSTEM_MIN_SEEN, "" if self.config.SYSTEM_MIN_SEEN == 1 else "s",
                             state.system_prompts.required_sightings(),
                             "" if state.system_prompts.required_sightings() == 1 else "s",
                             math.ceil(break_even_uses(self.config))),

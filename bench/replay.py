@@ -108,9 +108,10 @@ def repeated_line_chars(messages, tools=None):
     return total, repeated
 
 
-def replay(session, settings):
+def replay(session, settings, transform=None):
     """Bill one session under one configuration; returns a dict of totals. The requests go through
-    the proxy's own request core (prepare, then settle with the scripted answer), in this process."""
+    the proxy's own request core (prepare, then settle with the scripted answer), in this process.
+    `transform(messages) -> messages`, when given, rewrites what would be sent (a bench's own ideal)."""
     data_dir = tempfile.mkdtemp(prefix="bench-")
     state = proxy.ProxyState(proxy.Config(**settings), data_dir, api_key="bench", persist=False)
     state.summarise = stand_in_summary
@@ -126,6 +127,8 @@ def replay(session, settings):
             prepared = proxy.prepare(body, state)
             totals["pipeline_s"] += time.perf_counter() - started
             messages = prepared.upstream_body["messages"]
+            if transform:
+                messages = transform(messages)
             message_chars, repeated = repeated_line_chars(messages)
             totals["message_chars"] += message_chars
             totals["repeated_chars"] += repeated

@@ -220,6 +220,7 @@ class FakeDeepSeek:
         self.requests = []  # every chat request body, in arrival order
         self.headers = []  # their headers
         self.answers = []  # every answer message produced
+        self.exchanges = []  # (request body, answer message) of every answer, paired
         self.usages = []  # the usage of every answer, in order
         self.omit_usage = False  # answer without usage (to test "unmeasured")
         self.record = True  # keep requests, answers and usages (benchmarks turn it off)
@@ -392,6 +393,7 @@ class FakeDeepSeek:
         with self.lock:
             if self.record:
                 self.answers.append(history_message)
+                self.exchanges.append((body, history_message))
                 self.usages.append(usage)
         return message, finish, None if self.omit_usage else usage
 

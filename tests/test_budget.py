@@ -150,6 +150,19 @@ if __name__ == "__main__":
 class SystemPromptPayback(ProxyTestCase):
     proxy_args = ("--system-min-chars", "2000", "--system-wait", "5")
 
+    def test_one_long_conversation_pays_for_no_summary(self):
+        # its summary could serve only conversations opened after it: none here
+        system = {"role": "system", "content": "You are a careful coding agent; run the tests. " * 80}
+        messages = [system, {"role": "user", "content": "go"}]
+        for number in range(20):
+            self.assertEqual(self.proxy.chat({"model": "x", "messages": messages})[0], 200)
+            messages = messages + [dict(self.fake.answers[-1]), {"role": "user", "content": "more %d" % number}]
+        self.proxy.state.wait_idle()
+        self.assertEqual([r for r in self.fake.requests if is_summary_request(r)], [])
+        self.assertEqual(self.proxy.chat({"model": "x", "messages": [system, {"role": "user", "content": "new"}]})[0], 200)
+        self.proxy.state.wait_idle()
+        self.assertEqual(len([r for r in self.fake.requests if is_summary_request(r)]), 1, "a second opening: paid once")
+
     def test_a_prompt_is_summarised_once_it_has_recurred_as_often_as_the_summary_takes_to_pay_back(self):
         needed = self.proxy.state.system_prompts.required_sightings()
         break_even = (0.14 + 0.35 * 0.28) / (0.65 * 0.028)  # miss + summary written out, over cache hits saved
@@ -165,7 +178,7 @@ class SystemPromptPayback(ProxyTestCase):
         self.proxy.state.wait_idle()
         self.assertEqual(len([r for r in self.fake.requests if is_summary_request(r)]), 1)
         report = json.loads(self.proxy.request("GET", "/stats")[2])["system_prompt_summaries"]
-        self.assertIn("first session pays for the next ones", report["rule"])
+        self.assertIn("serves the conversations that open after it", report["rule"])
         entry = report["summaries"][0]
         self.assertGreaterEqual(entry["uses"], 1)
         self.assertGreater(entry["cost_usd"], 0)

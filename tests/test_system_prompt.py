@@ -124,6 +124,27 @@ class BackgroundMode(ProxyTestCase):
         self.assertTrue(self.fake.requests[-1]["messages"][0]["content"].startswith("SUMMARY "))
 
 
+    def test_a_conversation_keeps_the_form_it_opened_with(self):
+        # a summary that arrives mid-conversation would make its whole cached history a miss once:
+        # it is used by conversations that open after it, never switched in under one
+        from helpers import tool_rounds
+        system = {"role": "system", "content": LONG_SYSTEM}
+        first = [system] + tool_rounds("one")[:1]
+        self.assertEqual(self.proxy.chat({"model": "x", "messages": first})[0], 200)
+        self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.data_dir, "post_sys", DIGEST + ".txt"))))
+        answer = self.fake.answers[-1]
+        ongoing = first + [dict(answer, content=answer.get("content")), {"role": "user", "content": "next"}]
+        for _ in range(3):
+            self.assertEqual(self.proxy.chat({"model": "x", "messages": ongoing})[0], 200)
+            self.assertEqual(self.fake.requests[-1]["messages"][0]["content"], LONG_SYSTEM, "kept under its cache")
+        self.assertEqual(self.proxy.chat(body(question="A new conversation"))[0], 200)
+        self.assertTrue(self.fake.requests[-1]["messages"][0]["content"].startswith("SUMMARY "))
+        state = self.proxy.state  # a conversation the proxy never saw open (a restart) takes the summary
+        state.system_prompts.opened = type(state.system_prompts.opened)(16)
+        self.assertEqual(self.proxy.chat({"model": "x", "messages": ongoing})[0], 200)
+        self.assertTrue(self.fake.requests[-1]["messages"][0]["content"].startswith("SUMMARY "))
+
+
 class UnwritableDataDir(ProxyTestCase):
     proxy_args = ("--compress-system", "--system-min-seen", "1", "--no-system-payback", "--system-min-chars", "2000", "--system-wait", "10")
 
