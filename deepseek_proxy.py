@@ -2051,9 +2051,59 @@ def block_place(tag, distance, index, count):
                                                      " (its %s of them)" % ordinal(index + 1) if count > 1 else "")
 
 
-def change_note(where, delta):
-    lines = delta.count("\n") + 1
-    return CHANGE_NOTE % (where, lines, "" if lines == 1 else "s") + "\n" + delta
+def change_note(where, delta, numbering=None):
+    """The note and its diff; a diff of 0 lines (the same lines, renumbered) is the note alone."""
+    lines = delta.count("\n") + 1 if delta else 0
+    note = CHANGE_NOTE % (where, lines, "" if lines == 1 else "s")
+    if numbering:
+        note = note[:-1] + numbering.note() + "]"
+    return note + "\n" + delta if delta else note
+
+
+def above(distance):
+    return "%d message%s above" % (distance, "" if distance == 1 else "s")
+
+
+def part_suffix(number, count):
+    """Which text part of a message a block is, when the message has several."""
+    return " (its %s text part)" % ordinal(number) if count > 1 else ""
+
+
+def text_part_count(content):
+    return sum(1 for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)) \
+        if isinstance(content, list) else 1
+
+
+# The argument that says what a tool call was about, in the order looked for
+KEY_ARGUMENTS = ("file_path", "filePath", "filepath", "absolute_path", "path", "target_file", "file", "files",
+                 "paths", "dir_path", "dirpath", "command", "cmd", "commands", "pattern", "regex", "query",
+                 "queries", "url")
+
+
+def call_subject(arguments):
+    """What a tool call was about, as a note names it: its path, command or pattern (the first
+    line, at most 60 characters, backticks made quotes), or None."""
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return None
+    if not isinstance(arguments, dict):
+        return None
+    for key in KEY_ARGUMENTS:
+        value = arguments.get(key)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, dict):
+            value = next((value[k] for k in KEY_ARGUMENTS if isinstance(value.get(k), str)), None)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            text = str(value).strip().split("\n")[0].replace("`", "'")
+            return text[:60] + ("..." if len(text) > 60 else "")
+    return None
+
+
+def tool_output_place(name, subject):
+    """The head of how a note names a tool's output; the distance follows it."""
+    return "the output of the %s call%s" % (name or "tool", " for `%s`" % subject if subject else "")
 
 
 def boilerplate_finder(config):
@@ -2214,26 +2264,31 @@ def dedup_tool_outputs(messages, ctx):
     """A tool result byte-identical to an earlier one (a file read again) becomes a one-line
     reference to the earlier call. Each text part counts alone, so Cline's results, whose second
     part is an ever-changing environment_details, are caught too. The first copy always stays."""
-    call_names = {}
-    first_seen = {}  # SHA-256 of an output text -> (tool_call_id that first returned it, message index)
+    call_places = {}
+    first_seen = {}  # SHA-256 of an output text -> (message index, how a note names it there)
     result = []
     for position, message in enumerate(messages):
         for call in message.get("tool_calls") or ():
-            call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
+            function = call.get("function") or {}
+            call_places[call.get("id")] = tool_output_place(function.get("name"), ctx.memo(
+                call_subject, function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
         if message["role"] != "tool" or not message.get("content"):
             result.append(message)
             continue
+        head = call_places.get(message.get("tool_call_id"), tool_output_place(None, None))
+        parts, numbers = text_part_count(message["content"]), itertools.count(1)
 
-        def replace_repeat(text, call_id=message.get("tool_call_id"), position=position):
+        def replace_repeat(text, position=position, head=head, parts=parts, numbers=numbers):
+            suffix = part_suffix(next(numbers), parts)
             if len(text) < ctx.config.MIN_TOOL_OUTPUT_CHARS:
                 return text
             fingerprint = ctx.memo(sha256_text, text)
-            earlier, earlier_position = first_seen.setdefault(fingerprint, (call_id, position))
-            if earlier == call_id:
+            earlier_position, (earlier_head, earlier_suffix) = first_seen.setdefault(
+                fingerprint, (position, (head, suffix)))
+            if earlier_position == position:
                 return text
             ctx.anchor(position, earlier_position)
-            reference = "[Same output as tool call %s (%s) above, unchanged.]" % (
-                earlier, call_names.get(earlier, "tool"))
+            reference = REPEAT_NOTE % ("%s %s%s" % (earlier_head, above(position - earlier_position), earlier_suffix))
             ctx.removed("dedup_tool_outputs", text, reference)
             return reference
 
@@ -2271,13 +2326,11 @@ def find_fenced_blocks(text):
 # -- Stage: dedup_near_duplicates ---------------------------------------------------------------------
 
 TOOL_RESULT_TEXT = re.compile(r"\[[^\]\n]{1,200}\] Result:")  # Cline/Roo XML mode: a tool result in a user message
-NEAR_DUP_NOTE = ("[Near-duplicate of %s: the same text except for the changes below, a unified diff without "
-                 "context (\"@@ -a,b +c,d @@\": b lines from line a become the d \"+\" lines after it; b = 0 "
-                 "inserts after line a; \"-[N lines]\" stands for N removed lines).]")
-NUMBERED_NOTE = (" Line numbers are left out: the changes apply to the lines without their \"N | \" prefixes, "
-                 "and this view numbers its lines from %d on, from its line %d.")
+NUMBERED_NOTE = (" Its lines %d to %d start with the line numbers %d to %d%s, then %s, left out of the diff.")
 MIN_LINE_CHARS = 20  # characters; shorter lines ("}", blank) do not count as evidence of a repeat
-_NUMBERED_LINE = re.compile(r"(\d+) \| ")
+# a numbered file view's line: the number (maybe right-aligned with spaces), then one separator
+_NUMBERED_LINE = re.compile(r"( *)(\d{1,7})(\t| \| |\| |: |\u2192)")
+NUMBERED_EDGE = 3  # lines a numbered view may have before its numbered run, and after it
 
 
 def numbered_lines(text):
@@ -2285,22 +2338,43 @@ def numbered_lines(text):
 
 
 def without_numbers(lines):
-    """A numbered file view (Cline's "12 | code" lines, after up to two header lines) as
-    (lines without the numbers, (index of the first numbered line, its number)); an insertion then
-    changes one line instead of renumbering all after it. Other text: (lines, None)."""
-    for start in range(min(3, len(lines))):
+    """A numbered file view as (its lines with the numbers left out, Numbering), else (lines, None).
+    A view is a run of at least 3 lines numbered n, n+1, ... with one separator ("\t", " | ", "| ",
+    ": " or "\u2192") and either no padding or all right-aligned to one width, starting within its
+    first NUMBERED_EDGE lines and ending within its last NUMBERED_EDGE lines (headers and trailers,
+    such as OpenCode's <content> lines, stay as they are). Claude Code numbers with "N\t", OpenCode
+    with "N: ", Cline and Roo with "N | " (Roo right-aligned). Left out, an insertion changes one
+    line instead of renumbering all after it."""
+    for start in range(min(NUMBERED_EDGE + 1, len(lines))):
         first = _NUMBERED_LINE.match(lines[start])
         if first:
             break
     else:
         return lines, None
-    number, stripped = int(first.group(1)), lines[:start]
+    pad, number, separator = first.group(1), int(first.group(2)), first.group(3)
+    width = len(pad) + len(first.group(2)) if pad else 0
+    if first.group(2).startswith("0") and first.group(2) != "0":
+        return lines, None
+    stripped, end = lines[:start], start
     for offset, line in enumerate(lines[start:]):
-        match = _NUMBERED_LINE.match(line)
-        if not match or int(match.group(1)) != number + offset:
-            return lines, None
-        stripped.append(line[match.end():])
-    return stripped, (start, number)
+        expected = "%*d%s" % (width, number + offset, separator) if width else "%d%s" % (number + offset, separator)
+        if not line.startswith(expected):
+            break
+        stripped.append(line[len(expected):])
+        end = start + offset + 1
+    if end - start < 3 or len(lines) - end > NUMBERED_EDGE:
+        return lines, None
+    return stripped + lines[end:], Numbering(start, end, number, width, separator)
+
+
+class Numbering(collections.namedtuple("Numbering", "start end number width separator")):
+    """Where a numbered view's run is (lines[start:end]), its first number, the width its numbers are
+    right-aligned to (0: not padded) and the separator after them."""
+
+    def note(self):
+        return NUMBERED_NOTE % (self.start + 1, self.end, self.number, self.number + self.end - self.start - 1,
+                                " (right-aligned to %d characters)" % self.width if self.width else "",
+                                json.dumps(self.separator))
 
 
 class BlockIndex:
@@ -2462,7 +2536,7 @@ class NearDuplicateScan:
 
     def __init__(self):
         self.index = BlockIndex()
-        self.call_names, self.anchors, self.saved = {}, [], 0
+        self.call_places, self.anchors, self.saved = {}, [], 0
         self.count = 0  # messages scanned
         self.changed = {}  # position -> what was sent instead of the message there (only those)
         self.size = 0  # characters kept (the block index's lines, the changed messages): the LRU's measure
@@ -2476,31 +2550,35 @@ class NearDuplicateScan:
         self.count += 1
         self.size += 64
         for call in message.get("tool_calls") or ():
-            self.call_names[call.get("id")] = (call.get("function") or {}).get("name") or "tool"
+            function = call.get("function") or {}
+            self.call_places[call.get("id")] = tool_output_place(function.get("name"), ctx.memo(
+                call_subject, function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
         role = message["role"]
         if role not in ("tool", "user", "assistant") or not message.get("content"):
             return message
+        parts, numbers = text_part_count(message["content"]), itertools.count(1)
         if role == "tool":
-            label = "the output of tool call %s (%s) above" % (
-                message.get("tool_call_id"), self.call_names.get(message.get("tool_call_id"), "tool"))
-            content = map_content_text(message["content"], lambda text: self.block(text, label, position, role, ctx))
+            head = self.call_places.get(message.get("tool_call_id"), tool_output_place(None, None))
+            content = map_content_text(message["content"], lambda text: self.block(
+                text, (head, part_suffix(next(numbers), parts)), position, role, ctx))
         else:
-            content = map_content_text(message["content"], lambda text: self.texts(text, position, role, ctx))
+            content = map_content_text(message["content"], lambda text: self.texts(
+                text, position, role, ctx, part_suffix(next(numbers), parts)))
         if content == message["content"]:
             return message
         self.changed[position] = sent = dict(message, content=content)
         self.size += len(content_text(content))
         return sent
 
-    def texts(self, text, position, role, ctx):
+    def texts(self, text, position, role, ctx, suffix):
         """A user or assistant text: a tool result as Cline's XML mode sends it, or its fenced blocks."""
         if role == "user" and TOOL_RESULT_TEXT.match(text):
-            return self.block(text, "the %s" % text[:text.index("]") + 1], position, role, ctx)
+            return self.block(text, ("the %s" % text[:text.index("]") + 1], suffix), position, role, ctx)
         kind = "an assistant's" if role == "assistant" else "the"
         pieces, last = [], 0
         for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
             info = open_line.lstrip(" `~").strip()
-            label = ("%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")).strip()
+            label = (("%s fenced block %s" % (kind, ("`%s`" % info[:80]) if info else "")).strip(), suffix)
             whole = body[:-1] if body.endswith("\n") else body
             replaced = self.block(whole, label, position, role, ctx)
             if replaced != whole:
@@ -2516,16 +2594,11 @@ class NearDuplicateScan:
         found = self.index.best_match(lines) if role != "assistant" else None
         sent, depth = text, 0
         if found and found[2] >= 3 and found[1] * 2 >= found[2]:
-            old, where, old_position, old_depth, old_numbered = self.index.blocks[found[0]]
+            old, (head, suffix), old_position, old_depth, old_numbered = self.index.blocks[found[0]]
             if old_depth < ctx.config.NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
-                if not where.startswith("the output"):
-                    distance = position - old_position
-                    where = "%s %d message%s above" % (where, distance, "s" if distance != 1 else "")
-                note = NEAR_DUP_NOTE % where
-                if numbering:
-                    note = note[:-1] + NUMBERED_NOTE % (numbering[1], numbering[0] + 1) + "]"
-                delta = note + "\n" + ctx.state.stores["dedup_near_duplicates"].line_delta(
-                    old, lines, store=not ctx.explain)
+                where = "%s %s%s" % (head, above(position - old_position), suffix)
+                delta = change_note(where, ctx.state.stores["dedup_near_duplicates"].line_delta(
+                    old, lines, store=not ctx.explain), numbering)
                 if len(delta) <= ctx.config.NEAR_DUP_MAX_RATIO * len(text):
                     sent, depth = delta, old_depth + 1
                     self.anchors.append((position, old_position))
@@ -3230,8 +3303,8 @@ PIPELINE = [
               "`<reminderInstructions>`, `<environment_details>`, ...; \"F-1\") becomes a reference to it; one that "
               "changed in a few lines becomes a positional diff against the previous one; nothing else changes"),
     Stage("dedup_tool_outputs", dedup_tool_outputs, switch="DEDUP_TOOL_OUTPUTS", flags=("MIN_TOOL_OUTPUT_CHARS",),
-          doc="a tool result equal to an earlier one becomes `[Same output as tool call call_1 (read_file) above, "
-              "unchanged.]`"),
+          doc="a tool result equal to an earlier one becomes ``[Repeat of the output of the read_file call for "
+              "`src/app.py` 4 messages above, unchanged.]``"),
     Stage("dedup_near_duplicates", dedup_near_duplicates, switch="NEAR_DUPLICATES",
           flags=("MIN_NEAR_DUP_CHARS", "NEAR_DUP_MAX_RATIO", "NEAR_DUP_MAX_CHAIN", "NEAR_DUP_MAX_CHARS",
                  "SCAN_MEMORY_CHARS", "DELTA_MEMORY_CHARS"),
@@ -3789,12 +3862,10 @@ def apply_delta(old_lines, delta_lines):
 
 _REPEAT = re.compile(r"\[Repeat of (.+?), unchanged\.\]")
 _CHANGE = re.compile(r"\[Changed copy of (.+?); its changes follow, (\d+) lines? of unified diff without context "
-                     r"lines\.\]\n")
+                     r"lines\.(?: Its lines (\d+) to (\d+) start with the line numbers (\d+) to \d+(?: \(right-aligned "
+                     r"to (\d+) characters\))?, then (\"(?:[^\"\\]|\\.)*\"), left out of the diff\.)?\](?:\n|$)")
 _BLOCK_PLACE = re.compile(r"the <([^>]+)> block (\d+) messages? above(?: \(its (\d+)\w\w of them\))?$")
-_SAME_OUTPUT = re.compile(r"\[Same output as tool call (.+?) \(([^()]*)\) above, unchanged\.\]$")
-_NEAR = re.compile(r"\[Near-duplicate of (.+?): the same text except for the changes below, a unified diff "
-                   r"without context \(.*?\)\.(?: Line numbers are left out: the changes apply to the lines without "
-                   r"their \"N \| \" prefixes, and this view numbers its lines from (\d+) on, from its line (\d+)\.)?\]\n")
+_PLACE = re.compile(r"(.+) (\d+) messages? above(?: \(its (\d+)\w\w text part\))?$")
 
 
 def rebuild(sent, config=None):
@@ -3840,50 +3911,47 @@ def undo_markdown_references(messages, config):
 def text_parts(message):
     content = message.get("content")
     return [content] if isinstance(content, str) else [
-        part.get("text", "") for part in content or () if isinstance(part, dict) and part.get("type") == "text"]
+        part["text"] for part in content or () if isinstance(part, dict) and isinstance(part.get("text"), str)]
+
+
+def place_text(messages, index, where):
+    """The text a note's WHERE names (a tool's output, a Cline result, a fenced block; N messages
+    above, maybe a given text part), from the messages already rebuilt."""
+    place = _PLACE.fullmatch(where)
+    if not place:
+        raise ValueError("message %d: cannot read %r" % (index, where))
+    head, other, part = place.group(1), index - int(place.group(2)), int(place.group(3) or 1)
+    if not 0 <= other < index:
+        raise ValueError("message %d: %r is not above it" % (index, where))
+    parts = text_parts(messages[other])
+    if part > len(parts):
+        raise ValueError("message %d: no text part %d in message %d" % (index, part, other))
+    text = parts[part - 1]
+    fenced = re.fullmatch(r"(?:an assistant's|the) fenced block(?: `(.*)`)?", head)
+    if fenced:
+        info = fenced.group(1) or ""
+        for _start, _end, open_line, _close, body in find_fenced_blocks(text):
+            if open_line.lstrip(" `~").strip()[:80] == info:
+                return body[:-1] if body.endswith("\n") else body
+        raise ValueError("message %d: no fenced block %r in message %d" % (index, info, other))
+    return text
 
 
 def undo_near_duplicates(messages, config):
-    def source_text(index, where, numbered):
-        call = re.fullmatch(r"the output of tool call (.+) \(([^()]*)\) above", where)
-        if call:
-            for message in messages[:index]:
-                if message.get("role") == "tool" and message.get("tool_call_id") == call.group(1):
-                    parts = [part for part in text_parts(message) if len(part) >= config.MIN_NEAR_DUP_CHARS
-                             and (numbered_lines(part)[1] is not None) == numbered]
-                    if parts:
-                        return parts[0]  # the part that was diffed: the first long one of the same kind
-            raise ValueError("message %d: no tool call %s above" % (index, call.group(1)))
-        place = re.fullmatch(r"(.+) (\d+) messages? above", where)
-        if not place:
-            raise ValueError("message %d: cannot read %r" % (index, where))
-        label, other = place.group(1), index - int(place.group(2))
-        text = content_text(messages[other].get("content"))
-        fenced = re.fullmatch(r"(?:an assistant's|the) fenced block(?: `(.*)`)?", label)
-        if fenced:
-            info = fenced.group(1) or ""
-            for _start, _end, open_line, _close, body in find_fenced_blocks(text):
-                if open_line.lstrip(" `~").strip()[:80] == info:
-                    return body[:-1] if body.endswith("\n") else body
-            raise ValueError("message %d: no fenced block %r in message %d" % (index, info, other))
-        header = label[len("the "):]
-        parts = messages[other].get("content")
-        for part in ([parts] if isinstance(parts, str) else [p.get("text", "") for p in parts or () if isinstance(p, dict)]):
-            if part.startswith(header):
-                return part
-        raise ValueError("message %d: no %r in message %d" % (index, header, other))
-
     def undo_block(index, text):
-        found = _NEAR.match(text)
-        if not found:
-            return None
-        old = source_text(index, found.group(1), found.group(2) is not None)
-        old_lines, numbering = numbered_lines(old)
-        delta = text[found.end():]
-        lines = apply_delta(old_lines, delta.split("\n") if delta else [])
-        if found.group(2):
-            number, first = int(found.group(2)), int(found.group(3)) - 1
-            lines = lines[:first] + ["%d | %s" % (number + k, line) for k, line in enumerate(lines[first:])]
+        found = _CHANGE.match(text)
+        if not found or found.group(1).startswith("the <"):
+            return None  # not a change, or a boilerplate block's (undo_boilerplate)
+        old_lines, _numbering = numbered_lines(place_text(messages, index, found.group(1)))
+        delta = text[found.end():].split("\n") if found.end() < len(text) else []
+        if len(delta) != int(found.group(2)):
+            raise ValueError("message %d: %d lines of diff, the note says %s" % (index, len(delta), found.group(2)))
+        lines = apply_delta(old_lines, delta)
+        if found.group(3):
+            first, last, number = int(found.group(3)) - 1, int(found.group(4)), int(found.group(5))
+            width, separator = int(found.group(6) or 0), json.loads(found.group(7))
+            lines[first:last] = ["%*d%s%s" % (width, number + k, separator, line)
+                                 for k, line in enumerate(lines[first:last])]
         return "\n".join(lines)
 
     def undo(index, text):
@@ -3905,16 +3973,10 @@ def undo_near_duplicates(messages, config):
 def undo_tool_references(messages, config):
     for index, message in enumerate(messages):
         def undo(text):
-            found = _SAME_OUTPUT.fullmatch(text)
-            if not found:
+            found = _REPEAT.fullmatch(text)
+            if not found or not found.group(1).startswith("the output of the "):
                 return text
-            for earlier in messages[:index]:
-                if earlier.get("role") == "tool" and earlier.get("tool_call_id") == found.group(1):
-                    content = earlier.get("content")
-                    parts = [content] if isinstance(content, str) else [
-                        part.get("text", "") for part in content or () if isinstance(part, dict)]
-                    return next((part for part in parts if len(part) >= config.MIN_TOOL_OUTPUT_CHARS), parts[0])
-            raise ValueError("message %d: no tool call %s above" % (index, found.group(1)))
+            return place_text(messages, index, found.group(1))
         if message.get("role") == "tool":
             map_texts(message, undo)
     return messages

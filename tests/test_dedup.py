@@ -112,7 +112,7 @@ class ToolOutputs(unittest.TestCase):
                     assistant_call("call_3"), tool("call_3", FILE_TEXT + "\nedited")]
         out = dp.dedup_tool_outputs(messages, ctx())
         self.assertEqual(out[2], messages[2])
-        self.assertEqual(out[4]["content"], "[Same output as tool call call_1 (read_file) above, unchanged.]")
+        self.assertEqual(out[4]["content"], "[Repeat of the output of the read_file call for `a.py` 2 messages above, unchanged.]")
         self.assertEqual(out[6], messages[6])
         self.assertEqual(out[3], messages[3], "tool-call arguments untouched")
 
@@ -121,7 +121,8 @@ class ToolOutputs(unittest.TestCase):
                     assistant_call("b"), tool("b", [{"type": "text", "text": FILE_TEXT}, {"type": "text", "text": "t2"}]),
                     assistant_call("c"), tool("c", "ok"), assistant_call("d"), tool("d", "ok")]
         out = dp.dedup_tool_outputs(messages, ctx())
-        self.assertTrue(out[3]["content"][0]["text"].startswith("[Same output as tool call a"))
+        self.assertEqual(out[3]["content"][0]["text"],
+                         "[Repeat of the output of the read_file call for `a.py` 2 messages above (its 1st text part), unchanged.]")
         self.assertEqual(out[3]["content"][1]["text"], "t2")
         self.assertEqual(out[7]["content"], "ok")
 
@@ -255,7 +256,7 @@ class ThroughTheProxy(ProxyTestCase):
             {"type": "function", "function": {"name": "read_file", "parameters": {}}}]})
         self.assertEqual(status, 200)
         sent = self.fake.requests[-1]["messages"]
-        self.assertIn("[Same output as tool call call_1", sent[5]["content"])
+        self.assertIn("[Repeat of the output of the read_file call for `a.py` 2 messages above", sent[5]["content"])
         self.assertEqual(sent[7]["content"], "<userRequest>again</userRequest>\n[Repeat of the <reminderInstructions> "
                                              "block 6 messages above, unchanged.]\n```python\n[Repeat of the copy "
                                              "of this block 1 message above (that message's 1st fenced block), "

@@ -78,7 +78,7 @@ class CommandLine(unittest.TestCase):
         result = json.loads(stdout.getvalue())
         stages = {stage["stage"]: stage for stage in result["stages"]}
         self.assertGreater(stages["dedup_tool_outputs"]["chars_removed"], 1000)
-        self.assertIn("Same output as tool call c1", result["would_send"]["messages"][4]["content"])
+        self.assertIn("[Repeat of the output of the", result["would_send"]["messages"][4]["content"])
         self.assertEqual(result["budget"]["decision"], "under the budget")
         self.assertEqual(dp.explain_file(path + ".missing", dp.Config()), 2)
 

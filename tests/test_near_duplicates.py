@@ -7,6 +7,7 @@ import unittest
 
 from helpers import NOT_QUADRATIC, ProxyTestCase, StateStack
 import deepseek_proxy as dp
+from independent_decoder import decode
 
 STATE = dp.ProxyState(persist=False, api_key="")
 STATES = StateStack(STATE)  # the state ctx() uses
@@ -30,33 +31,9 @@ def edit(text, positions, seed=1):
     return "\n".join(lines)
 
 
-def apply_delta(old_text, delta_text):
-    """Rebuild a block from the block it is a delta of, the way the note tells the model to."""
-    lines = delta_text.split("\n")
-    assert lines[0].startswith("[Near-duplicate of "), lines[0]
-    numbered = re.search(r"numbers its lines from (\d+) on, from its line (\d+)", lines[0])
-    old = old_text.split("\n")
-    if numbered:
-        old = [re.sub(r"^\d+ \| ", "", line) for line in old]
-    out, position, i = [], 0, 1
-    while i < len(lines):
-        match = re.match(r"@@ -(\d+),(\d+) \+(\d+),(\d+) @@$", lines[i])
-        assert match, lines[i]
-        first, count = int(match.group(1)), int(match.group(2))
-        start = first - 1 if count else first
-        out.extend(old[position:start])
-        position = start + count
-        i += 1
-        while i < len(lines) and lines[i].startswith("-"):
-            i += 1
-        while i < len(lines) and lines[i].startswith("+"):
-            out.append(lines[i][1:])
-            i += 1
-    out.extend(old[position:])
-    if numbered:
-        first, start = int(numbered.group(1)), int(numbered.group(2)) - 1
-        out = out[:start] + ["%d | %s" % (first + k, line) for k, line in enumerate(out[start:])]
-    return "\n".join(out)
+def rebuilt(out):
+    """The messages the independent decoder (written from design.md) reads out of the stage's output."""
+    return decode(out)
 
 
 def call(call_id, name="read_file"):
@@ -75,18 +52,21 @@ class Deltas(unittest.TestCase):
     def test_a_reread_after_an_edit_becomes_an_exact_delta(self):
         first = code(200)
         second = edit(first, [10, 11, 150])
-        out = dp.dedup_near_duplicates(reads(first, second), ctx())
+        messages = reads(first, second)
+        out = dp.dedup_near_duplicates(messages, ctx())
         delta = out[4]["content"]
-        self.assertIn("tool call call_0 (read_file)", delta)
+        self.assertTrue(delta.startswith("[Changed copy of the output of the read_file call 2 messages above; its "
+                                         "changes follow, 8 lines of unified diff without context lines.]\n"), delta)
         self.assertLess(len(delta), len(second) / 10)
-        self.assertEqual(apply_delta(first, delta), second)
+        self.assertEqual(rebuilt(out), messages)
         self.assertEqual(out[2]["content"], first, "the first copy stays whole")
 
     def test_overlapping_ranges_send_only_their_new_lines(self):
         whole = code(130).split("\n")
         first, second = "\n".join(whole[:100]), "\n".join(whole[30:130])  # lines 31-130 after 1-100
-        delta = dp.dedup_near_duplicates(reads(first, second), ctx())[4]["content"]
-        self.assertEqual(apply_delta(first, delta), second)
+        out = dp.dedup_near_duplicates(reads(first, second), ctx())
+        delta = out[4]["content"]
+        self.assertEqual(rebuilt(out), reads(first, second))
         self.assertIn("-[30 lines]", delta)
         self.assertEqual(delta.count("\n+"), 30, "only the 30 new lines are sent")
 
@@ -98,11 +78,11 @@ class Deltas(unittest.TestCase):
         after = view(lines[:20] + ["    inserted_line = True  # a new line"] + lines[20:])
         partial = view(lines[40:140], first=41)
         out = dp.dedup_near_duplicates(reads(before, after, partial), ctx())
-        self.assertIn("Line numbers are left out", out[4]["content"])
+        self.assertIn('Its lines 2 to 162 start with the line numbers 1 to 161, then " | ", left out of the diff.]',
+                      out[4]["content"])
         self.assertLess(len(out[4]["content"]), 600)
-        self.assertEqual(apply_delta(before, out[4]["content"]), after)
-        anchor = {"call_0": before, "call_1": after}[re.search(r"tool call (call_\d)", out[6]["content"]).group(1)]
-        self.assertEqual(apply_delta(anchor, out[6]["content"]), partial)
+        self.assertIn("Its lines 2 to 101 start with the line numbers 41 to 140", out[6]["content"])
+        self.assertEqual(rebuilt(out), reads(before, after, partial))
 
     def test_only_where_it_pays(self):
         small = code(5)
@@ -119,14 +99,11 @@ class Deltas(unittest.TestCase):
         with configured(NEAR_DUP_MAX_CHAIN=3):
             out = dp.dedup_near_duplicates(reads(*versions), ctx())
         sent = [out[2 + 2 * i]["content"] for i in range(len(versions))]
-        rebuilt, depth = {}, {}
-        for number, text in enumerate(sent):  # a delta names the tool call whose output it changes
-            if text.startswith("[Near"):
-                anchor = int(re.search(r"tool call call_(\d+)", text).group(1))
-                rebuilt[number], depth[number] = apply_delta(rebuilt[anchor], text), depth[anchor] + 1
-            else:
-                rebuilt[number], depth[number] = text, 0
-        self.assertEqual([rebuilt[number] for number in range(len(versions))], versions)
+        depth = {}
+        for number, text in enumerate(sent):  # a delta names the output it changes by its distance
+            found = re.match(r"\[Changed copy of the output of the read_file call (\d+) messages above", text)
+            depth[number] = depth[number - int(found.group(1)) // 2] + 1 if found else 0
+        self.assertEqual(rebuilt(out), reads(*versions))
         self.assertLessEqual(max(depth.values()), 3)
         self.assertIn(0, [depth[number] for number in range(1, len(versions))], "re-anchored with a full copy")
 
@@ -138,10 +115,9 @@ class Deltas(unittest.TestCase):
                     {"role": "user", "content": [{"type": "text", "text": "Again:\n```src/main.py\n%s\n```" % second}]}]
         out = dp.dedup_near_duplicates(messages, ctx())
         text = out[2]["content"][0]["text"]
-        self.assertTrue(text.startswith("Again:\n```src/main.py\n[Near-duplicate of the fenced block `src/main.py` "
-                                        "2 messages above"), text[:200])
-        body = text.split("\n", 2)[2].rsplit("\n```", 1)[0]
-        self.assertEqual(apply_delta(first, body), second)
+        self.assertTrue(text.startswith("Again:\n```src/main.py\n[Changed copy of the fenced block `src/main.py` "
+                                        "2 messages above; its changes follow"), text[:200])
+        self.assertEqual(rebuilt(out), messages)
         self.assertEqual(out[0], messages[0])
 
     def test_prefix_stable_and_input_untouched(self):
@@ -169,7 +145,8 @@ class ThroughTheProxy(ProxyTestCase):
         status, headers, _ = self.proxy.chat({"model": "x", "tools": tools, "messages": reads(first, edit(first, [3]))})
         self.assertEqual(status, 200)
         sent = self.fake.requests[-1]
-        self.assertTrue(sent["messages"][4]["content"].startswith("[Near-duplicate of the output of tool call call_0"))
+        self.assertTrue(sent["messages"][4]["content"].startswith("[Changed copy of the output of the read_file call "
+                                                                  "2 messages above;"))
         self.assertEqual(sent["tools"], tools)
         self.assertLess(int(headers["X-Proxy-Tokens-Sent-Estimate"]), int(headers["X-Proxy-Tokens-In-Estimate"]) * 0.7)
 

@@ -11,6 +11,7 @@ import unittest
 
 from helpers import PROXY_COMMAND, ROOT, ProxyTestCase
 import deepseek_proxy as dp
+from independent_decoder import decode
 from test_dedup import generated_conversation
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -40,6 +41,7 @@ class EveryRequestRebuildsExactly(unittest.TestCase):
                 for cut in range(2, len(messages) + 1, 3):
                     sent, expected = sent_and_expected({"model": "x", "messages": messages[:cut]}, state)
                     self.assertEqual(dp.rebuild(sent, state.config), expected, "seed %d, cut %d" % (seed, cut))
+                    self.assertEqual(decode(sent), expected, "independent decoder: seed %d, cut %d" % (seed, cut))
                 self.assertNotEqual(sent, expected, "the stages did rewrite something")
 
     def test_bench_sessions(self):
@@ -51,6 +53,7 @@ class EveryRequestRebuildsExactly(unittest.TestCase):
                 sent, expected = sent_and_expected({"model": "x", "messages": request["messages"],
                                                    "tools": request["tools"]}, state)
                 self.assertEqual(dp.rebuild(sent, state.config), expected, name)
+                self.assertEqual(decode(sent), expected, "independent decoder: " + name)
                 checked += 1
         self.assertGreater(checked, 20)
 
