@@ -2171,7 +2171,9 @@ def dedup_boilerplate(messages, ctx):
     rebuild() turns every note back into the block it stands for.
     """
     seen = collections.OrderedDict()  # fingerprint -> (message index, tag, ordinal, count) first seen
-    previous = {}  # tag -> (lines of the last block with that tag, message index, ordinal, count)
+    # opening tag (attributes included) -> (lines of the last block so opened, message index, ordinal,
+    # count): an <attachment filePath="a.py"> changes against a.py's last copy, not another file's
+    previous = {}
     finder = boilerplate_finder(ctx.config)
 
     def place_of(found, position):
@@ -2187,8 +2189,9 @@ def dedup_boilerplate(messages, ctx):
         """The block as sent: a reference if sent before, a delta if it changed a little, else itself."""
         fingerprint = ctx.memo(sha256_text, block)
         lines = block.split("\n")
-        known = previous.get(tag)
-        previous[tag] = (lines, position, number, count)
+        opening = block[:block.find(">") + 1]
+        known = previous.get(opening)
+        previous[opening] = (lines, position, number, count)
         found = seen.get(fingerprint)
         if found is not None and found[0] < position:
             seen.move_to_end(fingerprint)
@@ -2377,6 +2380,31 @@ class Numbering(collections.namedtuple("Numbering", "start end number width sepa
                                 json.dumps(self.separator))
 
 
+_ATTACHMENT = re.compile(r"<attachment(?:\s[^<>]*)?>")
+
+
+def attachment_spans(text):
+    """(start, end) of each <attachment ...>...</attachment> block, left to right, without overlap."""
+    spans, at = [], 0
+    while True:
+        found = _ATTACHMENT.search(text, at)
+        if not found:
+            return spans
+        end = text.find("</attachment>", found.end())
+        if end < 0:
+            return spans
+        spans.append((found.start(), end + len("</attachment>")))
+        at = end + len("</attachment>")
+
+
+def attachment_contents(block):
+    """An attachment block's contents: between its tags, less one newline after the opening tag and
+    one before the closing tag."""
+    inner = block[block.index(">") + 1:block.rindex("</")]
+    inner = inner[1:] if inner.startswith("\n") else inner
+    return inner[:-1] if inner.endswith("\n") else inner
+
+
 class BlockIndex:
     """Earlier blocks of one request, found again by their long lines: each line of at least
     MIN_LINE_CHARS characters maps to the last few blocks that contained it, so matching a new
@@ -2539,6 +2567,7 @@ class NearDuplicateScan:
         self.call_places, self.anchors, self.saved = {}, [], 0
         self.count = 0  # messages scanned
         self.changed = {}  # position -> what was sent instead of the message there (only those)
+        self.attached = set()  # positions whose attachments are registered
         self.size = 0  # characters kept (the block index's lines, the changed messages): the LRU's measure
 
     def output(self, messages):
@@ -2562,8 +2591,16 @@ class NearDuplicateScan:
             content = map_content_text(message["content"], lambda text: self.block(
                 text, (head, part_suffix(next(numbers), parts)), position, role, ctx))
         else:
-            content = map_content_text(message["content"], lambda text: self.texts(
-                text, position, role, ctx, part_suffix(next(numbers), parts)))
+            header = [None]  # Cline's "[tool for 'x'] Result:" alone in a part: the result is the next part
+
+            def each(text):
+                suffix, after = part_suffix(next(numbers), parts), header[0]
+                bare = role == "user" and TOOL_RESULT_TEXT.fullmatch(text.strip())
+                header[0] = "the %s result" % text.strip()[:text.strip().index("]") + 1] if bare else None
+                if after and not bare and not TOOL_RESULT_TEXT.match(text) and not text.startswith("<"):
+                    return self.block(text, (after, suffix), position, role, ctx)
+                return self.texts(text, position, role, ctx, suffix)
+            content = map_content_text(message["content"], each)
         if content == message["content"]:
             return message
         self.changed[position] = sent = dict(message, content=content)
@@ -2571,9 +2608,12 @@ class NearDuplicateScan:
         return sent
 
     def texts(self, text, position, role, ctx, suffix):
-        """A user or assistant text: a tool result as Cline's XML mode sends it, or its fenced blocks."""
+        """A user or assistant text: a tool result as Cline's XML mode sends it, or its fenced blocks;
+        the files attached to a user message are kept as sources for later reads of them."""
         if role == "user" and TOOL_RESULT_TEXT.match(text):
             return self.block(text, ("the %s" % text[:text.index("]") + 1], suffix), position, role, ctx)
+        if role == "user" and "<attachment" in text and not suffix:  # (a message of one text part)
+            self.attachments(text, position, ctx)
         kind = "an assistant's" if role == "assistant" else "the"
         pieces, last = [], 0
         for start, end, open_line, close_line, body in ctx.memo(find_fenced_blocks, text):
@@ -2585,6 +2625,22 @@ class NearDuplicateScan:
                 pieces.append(text[last:start] + open_line + "\n" + replaced + "\n" + close_line)
                 last = end
         return "".join(pieces) + text[last:] if last else text
+
+    def attachments(self, text, position, ctx):
+        """Register the contents of each attachment (Copilot's <attachment filePath=...>raw file
+        </attachment>) as an earlier block: the agent reads those files again with its tools."""
+        if position in self.attached:
+            return
+        self.attached.add(position)
+        found = [(start, end) for start, end in ctx.memo(attachment_spans, text)]
+        for number, (start, end) in enumerate(found):
+            inner = attachment_contents(text[start:end])
+            if ctx.config.MIN_NEAR_DUP_CHARS <= len(inner) <= ctx.config.NEAR_DUP_MAX_CHARS:
+                lines, numbering = ctx.memo(numbered_lines, inner)
+                label = ("the contents of the <attachment> block", " (its %s of them)" % ordinal(number + 1)
+                         if len(found) > 1 else "")
+                self.index.add(lines, label, position, 0, numbering is not None)
+                self.size += len(inner) + 50 * len(lines)
 
     def block(self, text, label, position, role, ctx):
         """The delta for one block, or the block itself; registers it as a block either way."""
@@ -3917,6 +3973,16 @@ def text_parts(message):
 def place_text(messages, index, where):
     """The text a note's WHERE names (a tool's output, a Cline result, a fenced block; N messages
     above, maybe a given text part), from the messages already rebuilt."""
+    contents = re.fullmatch(r"the contents of the <attachment> block (\d+) messages? above(?: \(its (\d+)\w\w of them\))?",
+                            where)
+    if contents:
+        other = index - int(contents.group(1))
+        spans = attachment_spans(content_text(messages[other].get("content")))
+        number = int(contents.group(2) or 1)
+        if not 0 <= other < index or number > len(spans):
+            raise ValueError("message %d: no %r" % (index, where))
+        start, end = spans[number - 1]
+        return attachment_contents(content_text(messages[other].get("content"))[start:end])
     place = _PLACE.fullmatch(where)
     if not place:
         raise ValueError("message %d: cannot read %r" % (index, where))

@@ -18,6 +18,8 @@ DISTANCE = re.compile(r"^(.*) (\d+) messages? (above|below)(?: \(its (\d+)(?:st|
 TAG_PLACE = re.compile(r"^the <([^>]+)> block (\d+) messages? above(?: \(its (\d+)(?:st|nd|rd|th) of them\))?$")
 COPY_PLACE = re.compile(r"^the copy of this block (\d+) messages? (above|below) \(that message's (\d+)(?:st|nd|rd|th) "
                         r"fenced block\)$")
+CONTENTS_PLACE = re.compile(r"^the contents of the <attachment> block (\d+) messages? above"
+                            r"(?: \(its (\d+)(?:st|nd|rd|th) of them\))?$")
 FENCED_PLACE = re.compile(r"^(?:an assistant's|the) fenced block(?: `(.*)`)?$")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 NUMBER_PREFIX = re.compile(r"^( *)([1-9]\d*|0)(\t| \| |\| |: |\u2192)")
@@ -137,6 +139,13 @@ class Decoder:
                 blocks.append(text[found.start():end + len(close)])
                 at = end + len(close)
             return blocks[int(tag.group(3) or 1) - 1]
+        contents = CONTENTS_PLACE.match(where)
+        if contents:
+            text = "\n".join(parts_of(self.out[index - int(contents.group(1))]))
+            blocks = re.findall(r"<attachment(?:\s[^<>]*)?>(.*?)</attachment>", text, re.S)
+            inner = blocks[int(contents.group(2) or 1) - 1]
+            inner = inner[1:] if inner.startswith("\n") else inner
+            return inner[:-1] if inner.endswith("\n") else inner
         copy = COPY_PLACE.match(where)
         if copy:
             distance = int(copy.group(1))

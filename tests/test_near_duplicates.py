@@ -138,6 +138,57 @@ class Deltas(unittest.TestCase):
         self.assertLess(time.monotonic() - started, NOT_QUADRATIC)
 
 
+class ClientShapes(unittest.TestCase):
+    """Shapes the recorded clients and their source code show."""
+
+    def test_copilot_attachments_are_sources_and_change_against_their_own_file(self):
+        def attachments(pricing, util):
+            return ('<attachments>\n<attachment id="pricing.py" filePath="/w/pricing.py">\n%s\n</attachment>\n'
+                    '<attachment id="util.py" filePath="/w/util.py">\n%s\n</attachment>\n</attachments>\n'
+                    '<userRequest>%s</userRequest>' % (pricing, util, "fix it"))
+        pricing, util = code(80), code(40, seed=3)
+        edited = edit(pricing, [5])
+        messages = [{"role": "system", "content": "You are Copilot."},
+                    {"role": "user", "content": attachments(pricing, util)},
+                    call("call_0"), {"role": "tool", "tool_call_id": "call_0", "content": edited},
+                    {"role": "assistant", "content": "Fixed."},
+                    {"role": "user", "content": attachments(edited, util)}]
+        state = dp.ProxyState(dp.Config(MAX_CONTEXT=10 ** 8, COMPRESS_SYSTEM=False), persist=False, api_key="")
+        sent = dp.prepare({"model": "x", "messages": messages}, state).upstream_body["messages"]
+        self.assertTrue(sent[3]["content"].startswith(
+            "[Changed copy of the contents of the <attachment> block 2 messages above (its 1st of them); "), "the read")
+        self.assertIn('[Changed copy of the <attachment> block 4 messages above (its 1st of them); ', sent[5]["content"],
+                      "pricing.py changes against pricing.py, not util.py")
+        self.assertIn("[Repeat of the <attachment> block 4 messages above (its 2nd of them), unchanged.]",
+                      sent[5]["content"])
+        self.assertEqual(dp.rebuild(sent), messages)
+        self.assertEqual(decode(sent), messages)
+
+    def test_cline_split_result_parts_and_roo_right_aligned_numbers(self):
+        lines = code(120).split("\n")
+        def view(body, first=1):
+            width = len(str(first + len(body) - 1))
+            return "\n".join("%*d | %s" % (width, first + k, line) for k, line in enumerate(body))
+        def result(body):
+            return [{"type": "text", "text": "[read_file for 'a.py'] Result:"}, {"type": "text", "text": body},
+                    {"type": "text", "text": "<environment_details>\nTime 10:00\n</environment_details>"}]
+        messages = [{"role": "user", "content": "Fix a.py"}, {"role": "assistant", "content": "<read_file>a.py</read_file>"},
+                    {"role": "user", "content": result(view(lines))},
+                    {"role": "assistant", "content": "<read_file>a.py</read_file>"},
+                    {"role": "user", "content": result(view(lines[:9] + ["    inserted = 1  # a new line here"] + lines[9:]))},
+                    {"role": "assistant", "content": "<read_file>a.py 95-104</read_file>"},
+                    {"role": "user", "content": result(view(lines[94:104], first=95))}]
+        state = dp.ProxyState(dp.Config(MAX_CONTEXT=10 ** 8, COMPRESS_SYSTEM=False), persist=False, api_key="")
+        sent = dp.prepare({"model": "x", "messages": messages}, state).upstream_body["messages"]
+        second = sent[4]["content"][1]["text"]
+        self.assertTrue(second.startswith("[Changed copy of the [read_file for 'a.py'] result 2 messages above "
+                                          "(its 2nd text part); "), second[:200])
+        self.assertIn("(right-aligned to 3 characters)", second)
+        self.assertLess(len(second), 600)
+        self.assertEqual(dp.rebuild(sent), messages)
+        self.assertEqual(decode(sent), messages)
+
+
 class ThroughTheProxy(ProxyTestCase):
     def test_deepseek_gets_the_delta_and_the_same_tools(self):
         tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
