@@ -1606,6 +1606,7 @@ class RequestContext:
         self.kept = []  # what to remember once the answer is in (keep())
         self.sent_messages = None  # the messages as the pipeline left them (prepare)
         self.count_measured = False  # the budget decision rested on DeepSeek's own count (count_tokens)
+        self.growth = None  # estimated tokens added since the conversation's last measured request
 
     @property
     def chain(self):
@@ -1680,7 +1681,8 @@ class RequestContext:
         for length in range(len(messages), 0, -1):
             found = self.state.measured.recall(hashlib.sha256(tools + chain[length]).hexdigest())
             if found:
-                return found["prompt_tokens"] + sum(self.message_tokens(m) for m in messages[length:]), True
+                self.growth = sum(self.message_tokens(m) for m in messages[length:])
+                return found["prompt_tokens"] + self.growth, True
         return self.prompt_tokens(messages), False
 
     def tools_digest(self):
@@ -3197,6 +3199,10 @@ def tail_start(messages, sizes, floor, tail_ratio, max_context=MAX_CONTEXT):
     return start
 
 
+CROSSING_HORIZON = 10  # requests: a background summary is paid for only if the conversation, growing as
+# it did since its last measured request, would cross the budget within this many more
+
+
 def summarise_over_budget(messages, ctx):
     """Past SUMMARY_RATIO x MAX_CONTEXT estimated tokens, replace the older turns by a summary.
 
@@ -3205,7 +3211,9 @@ def summarise_over_budget(messages, ctx):
     replaced, so the next requests of the conversation get identical bytes (DeepSeek's cache keeps
     hitting) until the budget is crossed again; then summary and newer turns are summarised anew.
     From SUMMARY_WATERMARK on, the next summary is made in the background, so that the request that
-    crosses the budget finds it ready instead of waiting for it. If summarising fails, the
+    crosses the budget finds it ready instead of waiting for it; only for a conversation predicted to
+    cross (growing by its last round, it would within CROSSING_HORIZON requests), since a summary is
+    a paid call and one that is never used pays nothing back. If summarising fails, the
     conversation goes whole, or without its oldest turns if DeepSeek's own window would refuse it.
     This stage never fails a request.
     """
@@ -3236,6 +3244,8 @@ def summarise_over_budget(messages, ctx):
     offset = len(current) - len(messages)  # current[k + offset] is messages[k] for k >= done_until
     prefix = current[:end + offset]
     if early:
+        if not ctx.growth or current_tokens + CROSSING_HORIZON * ctx.growth < budget:
+            return current  # not seen growing toward the budget: a summary made now may never be used
         ctx.state.conversation_summaries.summarise(plan, prefix, ctx, background=True)
         ctx.notes.append("summary of %d messages started in the background" % (end - head))
         return current
@@ -3382,7 +3392,8 @@ PIPELINE = [
           flags=("MAX_CONTEXT", "SUMMARY_RATIO", "SUMMARY_WATERMARK", "TAIL_RATIO", "SUMMARY_MODEL",
                  "SUMMARY_MAX_TOKENS", "SUMMARY_CACHE_SIZE", "PERSIST_SUMMARIES"),
           doc="past 80% of `--max-context` (128K) tokens, older turns are replaced by a summary, keeping the system "
-              "prompt, first and last user messages and recent turns; prepared in the background from 70%"),
+              "prompt, first and last user messages and recent turns; prepared in the background from 70% when the "
+              "conversation is growing toward the budget"),
 ]
 
 DEFAULT_CONFIG = Config()  # the defaults, for pure helpers called without a proxy (benchmarks)
