@@ -167,24 +167,37 @@ def codex(base, env, work, home):
         "responses"
 
 
-def opencode(base, env, work, home):
+def opencode(base, env, work, home, package="@ai-sdk/openai-compatible", front="chat"):
     write(os.path.join(work, "opencode.json"), json.dumps({
         "$schema": "https://opencode.ai/config.json", "autoupdate": False, "share": "disabled",
-        "provider": {"dsproxy": {"npm": "@ai-sdk/openai-compatible", "name": "deepseek-proxy",
+        "provider": {"dsproxy": {"npm": package, "name": "deepseek-proxy",
                                  "options": {"baseURL": base + "/v1", "apiKey": API_KEY},
                                  "models": {MODEL: {"name": "DeepSeek via proxy", "tool_call": True}}}},
         "model": "dsproxy/" + MODEL, "small_model": "dsproxy/" + MODEL,
         "permission": {"edit": "allow", "bash": "allow", "webfetch": "deny"}}, indent=1))
     env.update(OPENCODE_DISABLE_AUTOUPDATE="1", OPENCODE_DISABLE_LSP_DOWNLOAD="true")
-    return [[find("opencode"), "run", "--model", "dsproxy/" + MODEL, TASK]], "chat"
+    return [[find("opencode"), "run", "--model", "dsproxy/" + MODEL, TASK]], front
 
 
-def qwen(base, env, work, home):
-    env.update(OPENAI_BASE_URL=base + "/v1", OPENAI_API_KEY=API_KEY, OPENAI_MODEL=MODEL)
+def opencode_anthropic(base, env, work, home):
+    return opencode(base, env, work, home, "@ai-sdk/anthropic", "anthropic")
+
+
+def opencode_responses(base, env, work, home):
+    return opencode(base, env, work, home, "@ai-sdk/openai", "responses")
+
+
+def qwen(base, env, work, home, auth="openai"):
+    env.update(OPENAI_BASE_URL=base + "/v1", OPENAI_API_KEY=API_KEY, OPENAI_MODEL=MODEL,
+               ANTHROPIC_BASE_URL=base, ANTHROPIC_API_KEY=API_KEY, ANTHROPIC_MODEL=MODEL)
     write(os.path.join(home, ".qwen", "settings.json"), json.dumps({
-        "security": {"auth": {"selectedType": "openai"}}, "privacy": {"usageStatisticsEnabled": False},
+        "security": {"auth": {"selectedType": auth}}, "privacy": {"usageStatisticsEnabled": False},
         "telemetry": {"enabled": False}}))
-    return [[find("qwen"), "-p", TASK, "--yolo", "--auth-type", "openai"]], "chat"
+    return [[find("qwen"), "-p", TASK, "--yolo", "--auth-type", auth]], "chat" if auth == "openai" else auth
+
+
+def qwen_anthropic(base, env, work, home):
+    return qwen(base, env, work, home, "anthropic")
 
 
 def continue_cli(base, env, work, home):
@@ -250,10 +263,61 @@ def llm(base, env, work, home):
 
 
 RUNNERS = {"claude": (claude, "Claude Code"), "codex": (codex, "Codex CLI"), "opencode": (opencode, "OpenCode"),
-           "cline": (cline, "Cline CLI"), "kilo": (kilo, "Kilo Code CLI"), "qwen": (qwen, "Qwen Code"),
+           "opencode-anthropic": (opencode_anthropic, "OpenCode (Anthropic provider)"),
+           "opencode-responses": (opencode_responses, "OpenCode (OpenAI provider)"),
+           "cline": (cline, "Cline CLI"),
+           "kilo": (kilo, "Kilo Code CLI"), "qwen": (qwen, "Qwen Code"),
+           "qwen-anthropic": (qwen_anthropic, "Qwen Code (Anthropic auth)"),
            "continue": (continue_cli, "Continue CLI"), "aider": (aider, "Aider"), "llm": (llm, "llm")}
-BINARIES = {"claude": "claude", "codex": "codex", "opencode": "opencode", "cline": "cline", "kilo": "kilo",
-            "qwen": "qwen", "continue": "cn", "aider": "aider", "llm": "llm"}
+BINARIES = {"claude": "claude", "codex": "codex", "opencode": "opencode", "opencode-anthropic": "opencode",
+            "opencode-responses": "opencode", "cline": "cline", "kilo": "kilo",
+            "qwen": "qwen", "qwen-anthropic": "qwen", "continue": "cn", "aider": "aider", "llm": "llm"}
+
+
+# tried and not possible here, with why (listed in the tables)
+NOT_POSSIBLE = [
+    ("Cline CLI (Anthropic provider)", "3.0.65", "anthropic",
+     "`cline auth -p anthropic -b URL` answers \"base URL is only supported for OpenAI and OpenAI-compatible "
+     "providers\": use its OpenAI-compatible provider"),
+    ("Crush", "", "", "`@charmland/crush` downloads its binary at install time: it cannot be installed here"),
+]
+README = os.path.join(ROOT, "README.md")
+
+
+def write_readme_table(rows):
+    """The README's compatibility table, between its markers, from this run's rows."""
+    lines = ["| client | version | API the proxy serves it | text | tool loop | streaming | thinking with tools |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row.get("missing"):
+            continue
+        tools = "works" if row["fixed"] and row["tool_results"] else ("n/a (no tools)" if not row["tool_results"] and
+                                                                       row["key"] in ("aider", "llm") else "FAILS")
+        if row["key"] == "aider":
+            tools = "works (edit blocks, test runs)" if row["fixed"] else "FAILS"
+        works = not any(code != 0 for code in row["exit"]) and not row["failures"]
+        lines.append("| %s | %s | %s | %s | %s | %s | %s |" % (
+            row["client"], version_number(row["version"]), FRONT_NAMES[row["front"]], "works" if works else "FAILS",
+            tools, "works" if row["streamed"] else "-", {True: "works", False: "FAILS", None: "n/a"}[row["thinking"]]))
+    for client, number, front, why in NOT_POSSIBLE:
+        lines.append("| %s | %s | %s | not possible: %s | | | |" % (client, number, FRONT_NAMES.get(front, ""), why))
+    text = open(README, encoding="utf-8").read()
+    start, end = "<!-- begin compatibility (python bench/record.py --write-docs) -->", "<!-- end compatibility -->"
+    if start not in text:
+        raise SystemExit("README.md has no compatibility markers")
+    head, rest = text.split(start, 1)
+    _old, tail = rest.split(end, 1)
+    with open(README, "w", encoding="utf-8") as handle:
+        handle.write(head + start + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+FRONT_NAMES = {"chat": "Chat Completions", "anthropic": "Anthropic Messages", "responses": "Responses", "": ""}
+
+
+def version_number(text):
+    import re
+    found = re.search(r"\d+\.\d+(\.\d+)?", text or "")
+    return found.group(0) if found else "?"
 
 
 def tests_pass(work):
@@ -357,10 +421,15 @@ def main():
         if row.get("missing"):
             report.line("| %s | not installed | | | | | | | | | |" % row["client"])
             continue
+        row["version"] = version_number(row["version"])
         report.line("| %s | %s | %s | %s | %d | %d | %d | %s | %s | %s | %.0f |" % (
             row["client"], row["version"], row["front"], ",".join(map(str, row["exit"])), row["requests"], row["failures"],
             row["tool_results"], YES_NO[row["fixed"]], YES_NO[row["streamed"]], YES_NO[row["thinking"]], row["seconds"]))
+    for client, number, front, why in NOT_POSSIBLE:
+        report.line("| %s | %s | %s | not possible: %s | | | | | | | |" % (client, number, front, why))
     report.save()
+    if args.write_docs and set(args.clients.split(",")) == set(RUNNERS):
+        write_readme_table(rows)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

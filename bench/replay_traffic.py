@@ -16,7 +16,8 @@ answers, and billed under the fake DeepSeek's prefix cache (bench/replay.py). Pe
 
 Columns: billed cost (input and output) as a ratio of direct; cache-hit share of input tokens;
 repeated lines left (characters of repeated lines of 20+ characters in tool and user messages, as
-a share of direct's); requests the strict fake would refuse (a tool-call turn without its reasoning,
+a share of direct's, for the proxy and for the floor, which leaves the repeated lines that do not come
+in runs of 3); requests the strict fake would refuse (a tool-call turn without its reasoning,
 a tool call without its answer); pipeline milliseconds per request.
 """
 
@@ -34,7 +35,8 @@ from replay import proxy  # noqa: E402
 from report import Report  # noqa: E402
 
 TRAFFIC = os.path.join(HERE, "traffic")
-CLIENT_ORDER = ("claude", "codex", "opencode", "cline", "kilo", "qwen", "continue", "aider", "llm")
+CLIENT_ORDER = ("claude", "codex", "opencode", "opencode-anthropic", "opencode-responses", "cline", "kilo", "qwen",
+                "qwen-anthropic", "continue", "aider", "llm")
 RUN = 3  # lines: a repeated run at least this long is free at the floor
 KEY = "sk-test-key-abcd"  # the key the recordings were made with (their reasoning seals use it)
 
@@ -131,7 +133,7 @@ def main():
     proxy.log.disabled = True
     report = Report("replay-traffic", args.write_docs, "Recorded real clients, billed")
     report.line("| client | front | requests | direct $ | floor | proxy | proxy - floor | cache hit direct / proxy "
-                "| repeated lines left | refused | pipeline ms/request |")
+                "| repeated lines left: proxy / floor | refused | pipeline ms/request |")
     report.line("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.clients.split(","):
         if not os.path.exists(os.path.join(TRAFFIC, name + ".jsonl.gz")):
@@ -144,12 +146,13 @@ def main():
         ours = replay.replay(session, {}, checked(failures))
         cost = {label: totals["cost_in"] + totals["cost_out"] for label, totals in
                 (("direct", direct), ("floor", floor), ("proxy", ours))}
-        report.line("| %s %s | %s | %d | %.4f | %.3fx | %.3fx | %+.3f | %.1f%% / %.1f%% | %.1f%% | %d | %.1f |" % (
+        report.line("| %s %s | %s | %d | %.4f | %.3fx | %.3fx | %+.3f | %.1f%% / %.1f%% | %.1f%% / %.1f%% | %d | %.1f |" % (
             session.meta["client"], version_of(session.meta),
             session.meta["front"], ours["requests"], cost["direct"], cost["floor"] / cost["direct"],
             cost["proxy"] / cost["direct"], (cost["proxy"] - cost["floor"]) / cost["direct"],
             100.0 * direct["hit"] / max(1, direct["prompt"]), 100.0 * ours["hit"] / max(1, ours["prompt"]),
-            100.0 * ours["repeated_chars"] / max(1, direct["repeated_chars"]), failures[0],
+            100.0 * ours["repeated_chars"] / max(1, direct["repeated_chars"]),
+            100.0 * floor["repeated_chars"] / max(1, direct["repeated_chars"]), failures[0],
             1000 * ours["pipeline_s"] / max(1, ours["requests"])))
     report.save()
 
