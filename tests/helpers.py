@@ -102,6 +102,9 @@ class Proxy(ProxyClient):
         self.stopped = False
 
     def log(self):
+        """What the proxy logged, once every answer already written has been recorded (its log line
+        is written just after the answer's last bytes)."""
+        self.state.unrecorded.wait(5.0)
         return "\n".join(list(self.capture.lines))
 
     def stop(self, timeout=10):

@@ -6,7 +6,7 @@ import threading
 import time
 import unittest
 
-from helpers import ProxyTestCase, run_in_threads
+from helpers import ProxyTestCase, run_in_threads, wait_for
 import deepseek_proxy as dp
 from fake_deepseek import Answer, is_summary_request, summary_answer
 
@@ -166,7 +166,7 @@ class BackgroundWatermark(ProxyTestCase):
         for _ in range(40):
             conversation.step()  # returns while a summary call hangs: nobody waits for it
             if [r for r in self.fake.requests if is_summary_request(r)] and not gate.is_set():
-                self.assertIn("started in the background", self.proxy.log())
+                self.assertTrue(wait_for(lambda: "started in the background" in self.proxy.log()))
                 gate.set()
                 self.proxy.state.wait_idle()
             sent = [r for r in self.fake.requests if not is_summary_request(r)][-1]["messages"]
