@@ -413,6 +413,8 @@ def main():
     finally:
         proxy.stop()
         fake.stop()
+        # what a client left running (Cline CLI starts a hub daemon in the project folder)
+        subprocess.run(["pkill", "-f", scratch], check=False)
     report = Report("record", args.write_docs, "Real clients through the proxy")
     report.line("| client | version | front | exit codes | requests | failed | tool results | fixed the bug (tests pass) "
                 "| streaming | reasoning in every tool turn | seconds |")

@@ -4,6 +4,7 @@ import http.client
 import json
 import logging
 import os
+import py_compile
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,13 @@ AT_ONCE = 5.0
 # 240 KB script for each subprocess (90 ms each). A test of the literal `python deepseek_proxy.py`
 # stays in test_first_use.
 PROXY_COMMAND = [sys.executable, "-m", "deepseek_proxy"]
+# That bytecode must exist: with PYTHONDONTWRITEBYTECODE set (as on some machines and CI images)
+# Python never writes it, and every subprocess compiled the script again. Written once here (the
+# cache is keyed by the source's mtime, so an edited file is compiled anew).
+try:
+    py_compile.compile(os.path.join(ROOT, "deepseek_proxy.py"), doraise=True)
+except (OSError, py_compile.PyCompileError):
+    pass  # a read-only checkout: the subprocesses compile it, as before
 os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 

@@ -49,13 +49,13 @@ class EveryRequestRebuildsExactly(unittest.TestCase):
         checked = 0
         for name in ("copilot", "cline", "cline-xml-rereads", "copilot-rereads", "continue-rereads"):
             session = SESSIONS[name]()
-            for request in session.requests[::6]:
+            for request in session.requests[::9]:
                 sent, expected = sent_and_expected({"model": "x", "messages": request["messages"],
                                                    "tools": request["tools"]}, state)
                 self.assertEqual(dp.rebuild(sent, state.config), expected, name)
                 self.assertEqual(decode(sent), expected, "independent decoder: " + name)
                 checked += 1
-        self.assertGreater(checked, 20)
+        self.assertGreater(checked, 15)
 
 
 class WhitespaceSurvives(unittest.TestCase):
