@@ -83,7 +83,7 @@ class MemoryOfRequestsThatCostNothing(ProxyTestCase):
         self.assertEqual(handover.bytes, 0)
 
     def test_a_stored_history_counts_in_flight(self):
-        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(1536 * 1024), "--client-timeout", "5"])
+        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(1536 * 1024), "--client-timeout", "30"])
         big = "y" * (1200 * 1024)
         status, _, first = proxy.chat({"model": "m", "input": big}, path="/v1/responses")
         self.assertEqual(status, 200)

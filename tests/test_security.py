@@ -190,7 +190,7 @@ class BoundedResources(ProxyTestCase):
         self.assertNotIn(b"200", answer)
 
     def test_request_bodies_held_at_once_are_bounded(self):
-        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(5 * 1024 * 1024 // 2), "--client-timeout", "5"])
+        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(5 * 1024 * 1024 // 2), "--client-timeout", "30"])
         size = 2 * 1024 * 1024
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % size)
