@@ -1988,7 +1988,8 @@ def keep_ephemeral_blocks(messages, ctx):
     so everything from there on is a cache miss, and the files are the bulk of the request. This
     stage recognises such a block by its shape across consecutive requests of a conversation (the
     pair right before the last user message that the next request no longer has at that position,
-    and has again right before its last user message, with the same first line), sends the block
+    and has again right before its current turn, with the same first line; the turn may hold up to
+    REFLECTIONS rounds of lint or test output Aider adds after an edit), sends the block
     byte-identical where it was first sent, and puts in the client's place a compact delta: per file
     a unified diff, files added in full, files dropped named. When the delta grows past
     EPHEMERAL_REANCHOR of the files' size, the block is sent whole at its new position and becomes
@@ -1997,38 +1998,65 @@ def keep_ephemeral_blocks(messages, ctx):
     keyed by the exact history before the block (bounded LRU); without it (a restart, an eviction,
     another client) the request goes as the client built it. Other clients' requests, whose history
     keeps what they sent, are left untouched."""
-    count = len(messages)
-    if count < 4 or messages[-1]["role"] != "user" or messages[-3]["role"] != "user" \
-            or messages[-2]["role"] != "assistant" or messages[-2].get("tool_calls"):
+    candidates = ephemeral_candidates(messages)
+    if not candidates:
         return messages
-    pair = messages[-3:-1]
-    chain = history_chain(messages[:-3], ctx.memo, exact=True, seed=ctx.seed)
-    record, position = None, count - 3
-    for position in range(count - 3, 0, -1):
-        record = ctx.state.stores["keep_ephemeral_blocks"].get(chain[position])
-        if record is not None:
-            break
-    if record is None or position == count - 3:
+    chain = history_chain(messages[:candidates[0]], ctx.memo, exact=True, seed=ctx.seed)
+    for place in candidates:  # the nearest to the end first
+        pair = messages[place:place + 2]
+        first_line = content_text(pair[0].get("content")).split("\n", 1)[0]
+        record, position = None, place
+        for position in range(place, 0, -1):
+            record = ctx.state.stores["keep_ephemeral_blocks"].get(chain[position])
+            if record is not None:
+                break
+        if record is None or position == place or \
+                first_line != content_text(record.pair[0].get("content")).split("\n", 1)[0]:
+            continue
+        if messages[position] == record.pair[0]:
+            return messages  # the client keeps the block in its history
+        break
+    else:  # no block known: the pair right before the last user message may be one (remembered)
+        place = candidates[0]
+        pair = messages[place:place + 2]
+        record = ctx.state.stores["keep_ephemeral_blocks"].get(chain[place])
         if record is None or record.pair != pair:
-            remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
+            remember_ephemeral(ctx, chain[place], EphemeralBlock(place, pair))
         return messages
     if ctx.config.SUMMARISE and ctx.prompt_tokens(messages) >= min(ctx.config.SUMMARY_WATERMARK or ctx.config.SUMMARY_RATIO, ctx.config.SUMMARY_RATIO) * ctx.config.MAX_CONTEXT:
         return messages  # near the budget: summarisation takes over, on the client's own layout
-    first_line = content_text(pair[0].get("content")).split("\n", 1)[0]
-    if messages[position] == record.pair[0] or first_line != content_text(record.pair[0].get("content")).split("\n", 1)[0]:
-        return messages  # the client keeps the block in its history, or this is another kind of message
     current = chat_files(content_text(pair[0].get("content")))
     delta = files_delta(record, current, first_line)
     if len(delta) > ctx.config.EPHEMERAL_REANCHOR * record.size:
-        remember_ephemeral(ctx, chain[count - 3], EphemeralBlock(count - 3, pair))
+        remember_ephemeral(ctx, chain[place], EphemeralBlock(place, pair))
         ctx.notes.append("ephemeral block re-anchored")
         return messages
     ctx.removed("keep_ephemeral_blocks", content_text(pair[0].get("content")), delta)
     ctx.notes.append("ephemeral block kept at message %d" % position)
-    head = messages[:position] + record.pair + messages[position:-3]
-    ctx.base = head + messages[-3:]  # what a cut delta is restored to: the client's whole block
+    head = messages[:position] + record.pair + messages[position:place]
+    ctx.base = head + messages[place:]  # what a cut delta is restored to: the client's whole block
     ctx.anchor(len(head), position)
-    return head + [{"role": "user", "content": delta}, pair[1], messages[-1]]
+    return head + [{"role": "user", "content": delta}, pair[1]] + messages[place + 2:]
+
+
+REFLECTIONS = 3  # rounds Aider may add after its chat files (lint or test output after an edit)
+
+
+def ephemeral_candidates(messages):
+    """Where Aider's chat-files pair (a user message and the assistant's plain "Ok") may stand: right
+    before the last user message, or before up to REFLECTIONS rounds of (user, plain assistant)
+    that Aider adds after an edit ("# Please fix the errors below if you can."), nearest first."""
+    count = len(messages)
+    if count < 4 or messages[-1]["role"] != "user":
+        return []
+    places = []
+    for rounds in range(REFLECTIONS + 1):
+        place = count - 3 - 2 * rounds
+        if place < 1 or messages[place]["role"] != "user" or messages[place + 1]["role"] != "assistant" \
+                or messages[place + 1].get("tool_calls"):
+            break
+        places.append(place)
+    return places
 
 
 # -- Stage: dedup_boilerplate (F-1) ------------------------------------------------------------------

@@ -117,6 +117,30 @@ class Stage(unittest.TestCase):
         later = aider.request("Three.")
         self.assertEqual(self.run_stage(later, fresh), later)
 
+    def test_the_block_is_found_before_aiders_reflection_rounds(self):
+        # after an edit Aider sends the chat files, then the whole current turn: the request, its
+        # edit, and the lint or test output to fix ("# Please fix the errors below if you can.")
+        state = dp.ProxyState(persist=False, api_key="")
+        aider = AiderConversation()
+        first = aider.request("Add logging.")
+        self.run_stage(first, state)
+        anchored = first[3]
+        aider.answered("Add logging.", "Done.")
+        aider.files["lib/a.py"] = source("a", changed=(3,))
+        for rounds in range(1, 4):
+            turn = [{"role": "user", "content": "Fix the failing test."}]
+            for number in range(rounds):
+                turn += [{"role": "assistant", "content": "lib/a.py\n```python\n<<<<<<< SEARCH\nx\n=======\ny\n"
+                                                          ">>>>>>> REPLACE\n```  (attempt %d)" % number},
+                         {"role": "user", "content": "# Please fix the errors below if you can.\nFAILED %d" % number}]
+            messages = [SYSTEM] + MAP + aider.done + [files_message(aider.files), ACK] + turn
+            sent = self.run_stage(messages, state)
+            self.assertEqual(sent[3], anchored, "%d rounds: the block stays where it was sent" % rounds)
+            delta = sent[-len(turn) - 2]["content"]
+            self.assertTrue(delta.startswith(FIRST_LINE + "\n\n[The full text"), rounds)
+            self.assertEqual(rebuild(anchored["content"], delta), aider.files)
+            self.assertEqual(sent[-len(turn) - 1:], [ACK] + turn, "the current turn as the client sent it")
+
     def test_clients_that_keep_their_history_are_untouched(self):
         state = dp.ProxyState(persist=False, api_key="")
         history = [SYSTEM, {"role": "user", "content": "```python\n%s\n```" % source("a")}, ACK,
