@@ -1923,9 +1923,9 @@ def remember_reasoning(ctx, answer, usage):
 # -- Stage: keep_ephemeral_blocks ---------------------------------------------------------------------
 
 EPHEMERAL_NOTE = ("[The full text of these files was sent earlier in this conversation, in the message that "
-                  "begins like this one. Changes since then, file by file (each @@ -a,b +c,d @@ replaces lines "
-                  "a..a+b-1 of the file as sent then by the + lines after it; \"-[N lines]\" stands for "
-                  "removed lines not repeated here):]")
+                  "begins like this one. Changes since then, file by file, as unified diffs without context "
+                  "lines (@@ -a,b +c,d @@: b lines from line a of the file as sent then become the d + lines "
+                  "after it; b = 0 inserts after line a; \"-[N lines]\" stands for N removed lines):]")
 
 
 def chat_files(text):
