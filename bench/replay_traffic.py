@@ -14,7 +14,9 @@ answers, and billed under the fake DeepSeek's prefix cache (bench/replay.py). Pe
   rewrite could at best reach, by this measure.
 - proxy: the proxy's defaults.
 
-Columns: billed cost (input and output) as a ratio of direct; cache-hit share of input tokens;
+Columns: history kept (requests that start with the previous request's messages: the client kept its
+own history, so DeepSeek's prefix cache could hit; the others are side requests such as titles, and
+Aider's, which moves its chat files); billed cost (input and output) as a ratio of direct; cache-hit share of input tokens;
 repeated lines left (characters of repeated lines of 20+ characters in tool and user messages, as
 a share of direct's, for the proxy and for the floor, which leaves the repeated lines that do not come
 in runs of 3); requests the strict fake would refuse (a tool-call turn without its reasoning,
@@ -103,6 +105,18 @@ def version_of(meta):
     return found.group(0) if found else "?"
 
 
+def extensions(session):
+    """(requests that start with the previous request's messages, requests after the first): how
+    often the client kept its own history, so that DeepSeek's cached prefix could hit at all."""
+    kept, previous = 0, None
+    for request in session.requests:
+        messages = [json.dumps(m, sort_keys=True) for m in request["messages"]]
+        if previous is not None and messages[:len(previous)] == previous:
+            kept += 1
+        previous = messages
+    return kept, max(0, len(session.requests) - 1)
+
+
 def refused(messages):
     """Whether the strict fake would refuse these messages (DeepSeek's rules)."""
     pending = set()
@@ -132,9 +146,9 @@ def main():
     args = parser.parse_args()
     proxy.log.disabled = True
     report = Report("replay-traffic", args.write_docs, "Recorded real clients, billed")
-    report.line("| client | front | requests | direct $ | floor | proxy | proxy - floor | cache hit direct / proxy "
-                "| repeated lines left: proxy / floor | refused | pipeline ms/request |")
-    report.line("|---|---|---|---|---|---|---|---|---|---|---|")
+    report.line("| client | front | requests | history kept | direct $ | floor | proxy | proxy - floor "
+                "| cache hit direct / proxy | repeated lines left: proxy / floor | refused | pipeline ms/request |")
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.clients.split(","):
         if not os.path.exists(os.path.join(TRAFFIC, name + ".jsonl.gz")):
             report.line("| %s | not recorded | | | | | | | | | |" % name)
@@ -146,9 +160,10 @@ def main():
         ours = replay.replay(session, {}, checked(failures))
         cost = {label: totals["cost_in"] + totals["cost_out"] for label, totals in
                 (("direct", direct), ("floor", floor), ("proxy", ours))}
-        report.line("| %s %s | %s | %d | %.4f | %.3fx | %.3fx | %+.3f | %.1f%% / %.1f%% | %.1f%% / %.1f%% | %d | %.1f |" % (
+        report.line("| %s %s | %s | %d | %d of %d | %.4f | %.3fx | %.3fx | %+.3f | %.1f%% / %.1f%% | %.1f%% / %.1f%% "
+                    "| %d | %.1f |" % (
             session.meta["client"], version_of(session.meta),
-            session.meta["front"], ours["requests"], cost["direct"], cost["floor"] / cost["direct"],
+            session.meta["front"], ours["requests"], *extensions(session), cost["direct"], cost["floor"] / cost["direct"],
             cost["proxy"] / cost["direct"], (cost["proxy"] - cost["floor"]) / cost["direct"],
             100.0 * direct["hit"] / max(1, direct["prompt"]), 100.0 * ours["hit"] / max(1, ours["prompt"]),
             100.0 * ours["repeated_chars"] / max(1, direct["repeated_chars"]),
