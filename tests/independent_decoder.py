@@ -22,7 +22,7 @@ CONTENTS_PLACE = re.compile(r"^the contents of the <attachment> block (\d+) mess
                             r"(?: \(its (\d+)(?:st|nd|rd|th) of them\))?$")
 FENCED_PLACE = re.compile(r"^(?:an assistant's|the) fenced block(?: `(.*)`)?$")
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
-NUMBER_PREFIX = re.compile(r"^( *)([1-9]\d*|0)(\t| \| |\| |: |\u2192)")
+NUMBER_PREFIX = re.compile(r"^( *)([1-9]\d{0,6}|0)(\t| \| |\| |: |\u2192)")
 
 
 def parts_of(message):

@@ -189,6 +189,29 @@ class ClientShapes(unittest.TestCase):
         self.assertEqual(decode(sent), messages)
 
 
+class NumberedViews(unittest.TestCase):
+    def test_every_numbering_style_rebuilds_with_both_decoders(self):
+        rng = random.Random(5)
+        lines = code(90).split("\n")
+        for separator in ("\t", " | ", "| ", ": ", "\u2192"):
+            for padded in (False, True):
+                for header, trailer in (([], []), (["<path>/a.py</path>", "<content>"], ["", "</content>"])):
+                    def view(body, first):
+                        width = len(str(first + len(body) - 1)) if padded else 0
+                        return "\n".join(header + ["%*d%s%s" % (width, first + k, separator, line)
+                                                    for k, line in enumerate(body)] + trailer)
+                    edited = list(lines)
+                    edited.insert(rng.randrange(90), "    inserted = %d  # a line added by an edit" % rng.randrange(99))
+                    start = rng.randrange(5, 20)
+                    messages = reads(view(lines, 1), view(edited, 1), view(edited[start:start + 60], start + 1))
+                    out = dp.dedup_near_duplicates(messages, ctx())
+                    label = "%r padded=%s header=%s" % (separator, padded, bool(header))
+                    self.assertTrue(out[4]["content"].startswith("[Changed copy of"), label)
+                    self.assertIn(" left out of the diff.]", out[4]["content"], label)
+                    self.assertEqual(dp.rebuild(out), messages, label)
+                    self.assertEqual(decode(out), messages, label)
+
+
 class ThroughTheProxy(ProxyTestCase):
     def test_deepseek_gets_the_delta_and_the_same_tools(self):
         tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
