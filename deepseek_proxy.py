@@ -2443,7 +2443,7 @@ class BlockIndex:
     PER_LINE = 8  # blocks remembered per line
 
     def __init__(self):
-        self.blocks = []  # [(lines, label, message index, chain depth, numbered)]
+        self.blocks = []  # [(lines, label, message index, chain depth, a numbered view's own lines or None)]
         self.by_line = {}
 
     def best_match(self, lines):
@@ -2461,9 +2461,11 @@ class BlockIndex:
                      key=lambda block: (self.blocks[block][3], -block))
         return number, counts[number], len(long_lines)
 
-    def add(self, lines, label, message_index, depth, numbered):
+    def add(self, lines, label, message_index, depth, original):
+        """`lines` as matched (a numbered view's without their numbers); `original`, a numbered
+        view's lines as they are (None for other text)."""
         number = len(self.blocks)
-        self.blocks.append((lines, label, message_index, depth, numbered))
+        self.blocks.append((lines, label, message_index, depth, original))
         for line in set(lines):
             if len(line) >= MIN_LINE_CHARS:
                 holders = self.by_line.setdefault(line, [])
@@ -2669,7 +2671,7 @@ class NearDuplicateScan:
                 lines, numbering = ctx.memo(numbered_lines, inner)
                 label = ("the contents of the <attachment> block", " (its %s of them)" % ordinal(number + 1)
                          if len(found) > 1 else "")
-                self.index.add(lines, label, position, 0, numbering is not None)
+                self.index.add(lines, label, position, 0, inner.split("\n") if numbering else None)
                 self.size += len(inner) + 50 * len(lines)
 
     def block(self, text, label, position, role, ctx):
@@ -2677,14 +2679,19 @@ class NearDuplicateScan:
         if not ctx.config.MIN_NEAR_DUP_CHARS <= len(text) <= ctx.config.NEAR_DUP_MAX_CHARS:
             return text
         lines, numbering = ctx.memo(numbered_lines, text)
+        original = text.split("\n") if numbering else None
         found = self.index.best_match(lines) if role != "assistant" else None
         sent, depth = text, 0
         if found and found[2] >= 3 and found[1] * 2 >= found[2]:
-            old, (head, suffix), old_position, old_depth, old_numbered = self.index.blocks[found[0]]
-            if old_depth < ctx.config.NEAR_DUP_MAX_CHAIN and old_numbered == (numbering is not None):
+            old, (head, suffix), old_position, old_depth, old_original = self.index.blocks[found[0]]
+            if old_depth < ctx.config.NEAR_DUP_MAX_CHAIN and (old_original is None) == (numbering is None):
                 where = "%s %s%s" % (head, above(position - old_position), suffix)
-                delta = change_note(where, ctx.state.stores["dedup_near_duplicates"].line_delta(
-                    old, lines, store=not ctx.explain), numbering)
+                store = ctx.state.stores["dedup_near_duplicates"]
+                delta = change_note(where, store.line_delta(old, lines, store=not ctx.explain), numbering)
+                if numbering:  # where the lines kept their numbers (a range of the same file, an edit
+                    # that added no line) a diff of the views as they are needs no numbering sentence
+                    plain = change_note(where, store.line_delta(old_original, original, store=not ctx.explain))
+                    delta = plain if len(plain) < len(delta) else delta
                 if len(delta) <= ctx.config.NEAR_DUP_MAX_RATIO * len(text):
                     sent, depth = delta, old_depth + 1
                     self.anchors.append((position, old_position))
@@ -2692,8 +2699,8 @@ class NearDuplicateScan:
                     before = ctx.saved["dedup_near_duplicates"]
                     ctx.removed("dedup_near_duplicates", text, delta)
                     self.saved += ctx.saved["dedup_near_duplicates"] - before
-        self.index.add(lines, label, position, depth, numbering is not None)
-        self.size += len(text) + 50 * len(lines)
+        self.index.add(lines, label, position, depth, original)
+        self.size += len(text) * (2 if original else 1) + 50 * len(lines)
         return sent
 
 
@@ -4047,7 +4054,8 @@ def undo_near_duplicates(messages, config):
         found = _CHANGE.match(text)
         if not found or found.group(1).startswith("the <"):
             return None  # not a change, or a boilerplate block's (undo_boilerplate)
-        old_lines, _numbering = numbered_lines(place_text(messages, index, found.group(1)))
+        source = place_text(messages, index, found.group(1))
+        old_lines = numbered_lines(source)[0] if found.group(3) else source.split("\n")
         delta = text[found.end():].split("\n") if found.end() < len(text) else []
         if len(delta) != int(found.group(2)):
             raise ValueError("message %d: %d lines of diff, the note says %s" % (index, len(delta), found.group(2)))

@@ -179,7 +179,8 @@ class Decoder:
         diff = rest[1:].split("\n") if count else []
         if (rest[:1] != "\n" if count else rest) or len(diff) != count:
             raise ValueError("the note promises %d diff lines" % count)
-        lines = patch(numbered(self.text_at(index, change.group(1)).split("\n")), diff)
+        source = self.text_at(index, change.group(1)).split("\n")
+        lines = patch(numbered(source) if change.group(3) else source, diff)
         if change.group(3):
             k, l, m = int(change.group(3)), int(change.group(4)), int(change.group(5))
             width, separator = int(change.group(7) or 0), json.loads(change.group(8))
