@@ -694,18 +694,23 @@ class TextMemo:
     only the new messages need the work. Bounded by entries and by the characters of the texts kept
     (oldest first out; a hit is a lock-free dictionary lookup)."""
 
-    MIN_CHARS = 256  # shorter texts are cheaper to recompute than to look up
+    MIN_CHARS = 256  # shorter texts are kept apart, in a bounded LRU per function (SMALL_ENTRIES)
+    SMALL_ENTRIES = 8192
 
     def __init__(self, capacity=16384, max_chars=64 * 1024 * 1024):
         self.capacity, self.max_chars = capacity, max_chars
         self.tables = {}  # function -> {text: result}
+        self.small = {}  # function -> its lru_cache, for texts under MIN_CHARS
         self.order = collections.deque()  # (table, text) in the order they were added
         self.chars = 0
         self._lock = threading.Lock()
 
     def __call__(self, function, text, store=True):
-        if len(text) < self.MIN_CHARS:
-            return function(text)
+        if len(text) < self.MIN_CHARS:  # short texts (tool-call arguments, "Ok.") in a small LRU each
+            small = self.small.get(function)
+            if small is None:
+                small = self.small.setdefault(function, functools.lru_cache(maxsize=self.SMALL_ENTRIES)(function))
+            return small(text) if store else function(text)
         table = self.tables.get(function)
         if table is not None:
             found = table.get(text, self)
@@ -2110,9 +2115,11 @@ KEY_ARGUMENTS = ("file_path", "filePath", "filepath", "absolute_path", "path", "
                  "queries", "url")
 
 
+@functools.lru_cache(maxsize=16384)
 def call_subject(arguments):
     """What a tool call was about, as a note names it: its path, command or pattern (the first
-    line, at most 60 characters, backticks made quotes), or None."""
+    line, at most 60 characters, backticks made quotes), or None. Remembered by the arguments'
+    text (short texts the per-text memo leaves out): a conversation resends every call each time."""
     try:
         arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
     except ValueError:
@@ -2303,8 +2310,8 @@ def dedup_tool_outputs(messages, ctx):
     for position, message in enumerate(messages):
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            call_places[call.get("id")] = tool_output_place(function.get("name"), ctx.memo(
-                call_subject, function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
+            call_places[call.get("id")] = tool_output_place(function.get("name"), call_subject(
+                function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
         if message["role"] != "tool" or not message.get("content"):
             result.append(message)
             continue
@@ -2612,8 +2619,8 @@ class NearDuplicateScan:
         self.size += 64
         for call in message.get("tool_calls") or ():
             function = call.get("function") or {}
-            self.call_places[call.get("id")] = tool_output_place(function.get("name"), ctx.memo(
-                call_subject, function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
+            self.call_places[call.get("id")] = tool_output_place(function.get("name"), call_subject(
+                function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
         role = message["role"]
         if role not in ("tool", "user", "assistant") or not message.get("content"):
             return message
