@@ -1607,6 +1607,7 @@ class RequestContext:
         self._conversation_key = None
         self._last_count = (None, 0, 0)
         self._token_memo = {}  # id(message) -> (message, tokens)
+        self._chains = []  # (exact, messages, chain) computed for this request (history_chain_of)
         self._tools_tokens = None
         self.kept = []  # what to remember once the answer is in (keep())
         self.sent_messages = None  # the messages as the pipeline left them (prepare)
@@ -1616,8 +1617,28 @@ class RequestContext:
     @property
     def chain(self):
         if self._chain is None:
-            self._chain = history_chain(self.normalised or [], self.memo, seed=self.seed)
+            self._chain = self.history_chain_of(self.normalised or [])
         return self._chain
+
+    def history_chain_of(self, messages, exact=False):
+        """history_chain(messages, ...) with this request's seed and memo, reusing what an earlier
+        call of this request computed for the same message objects: the stages pass unchanged
+        messages on as the same objects, and four of them chain the history."""
+        best, reused = None, 0
+        for was_exact, earlier, chain in self._chains:
+            if was_exact != exact:
+                continue
+            same = 0
+            limit = min(len(earlier), len(messages))
+            while same < limit and earlier[same] is messages[same]:
+                same += 1
+            if same > reused:
+                best, reused = chain, same
+        chain = best[:reused + 1] if best else [self.seed]
+        for message in messages[reused:]:
+            chain.append(hashlib.sha256(chain[-1] + message_digest(message, self.memo, exact)).digest())
+        self._chains = (self._chains + [(exact, list(messages), chain)])[-4:]
+        return chain
 
     @property
     def conversation_key(self):
@@ -1681,7 +1702,7 @@ class RequestContext:
         conversation's earlier request sent a prefix of them (its usage.prompt_tokens, kept by
         remember_prompt_count), plus the estimate of what is new; the estimate alone otherwise (a
         conversation's first request, another instance, an evicted count)."""
-        chain = history_chain(messages, self.memo, exact=True, seed=self.seed)
+        chain = self.history_chain_of(messages, exact=True)
         tools = self.tools_digest()
         for length in range(len(messages), 0, -1):
             found = self.state.measured.recall(hashlib.sha256(tools + chain[length]).hexdigest())
@@ -2006,7 +2027,7 @@ def keep_ephemeral_blocks(messages, ctx):
     candidates = ephemeral_candidates(messages)
     if not candidates:
         return messages
-    chain = history_chain(messages[:candidates[0]], ctx.memo, exact=True, seed=ctx.seed)
+    chain = ctx.history_chain_of(messages[:candidates[0]], exact=True)
     for place in candidates:  # the nearest to the end first
         pair = messages[place:place + 2]
         first_line = content_text(pair[0].get("content")).split("\n", 1)[0]
@@ -2721,7 +2742,7 @@ def dedup_near_duplicates(messages, ctx):
     NEAR_DUP_MAX_RATIO of the block, chains of at most NEAR_DUP_MAX_CHAIN deltas (then a full copy
     again). Cache-safe: the output for a message depends only on the messages before it, which also
     lets the scan resume where the conversation's previous request left it (NearDuplicateScan)."""
-    chain = history_chain(messages, ctx.memo, exact=True, seed=ctx.seed)
+    chain = ctx.history_chain_of(messages, exact=True)
     scan, start = None, 0
     for start in range(len(messages), 0, -1) if not ctx.explain else ():
         scan = ctx.state.stores["dedup_near_duplicates"].scans.take(chain[start])
@@ -3383,7 +3404,7 @@ def observe_prompt_tokens(ctx, answer, usage):
         ctx.state.calibration.observe(ctx.tokens_out, prompt_tokens)
     if isinstance(prompt_tokens, int) and ctx.sent_messages and not ctx.explain and \
             prompt_tokens >= ctx.config.SUMMARY_WATERMARK * ctx.config.MAX_CONTEXT / 2:
-        chain = history_chain(ctx.sent_messages, ctx.memo, exact=True, seed=ctx.seed)
+        chain = ctx.history_chain_of(ctx.sent_messages, exact=True)
         ctx.state.measured.remember(hashlib.sha256(ctx.tools_digest() + chain[-1]).hexdigest(),
                                     {"prompt_tokens": prompt_tokens})
 

@@ -101,6 +101,20 @@ class StageContract(unittest.TestCase):
         self.assertFalse(any(stage.required for stage in dp.PIPELINE[2:]))
 
 
+class Chains(unittest.TestCase):
+    def test_a_requests_chains_reuse_shared_objects_and_equal_the_pure_function(self):
+        state = dp.ProxyState(persist=False, api_key="")
+        ctx = dp.RequestContext({}, state)
+        messages = [{"role": "user", "content": "m%d" % i} for i in range(30)]
+        changed = messages[:10] + [dict(messages[10], content="other")] + messages[11:]
+        for exact in (True, False, True):
+            for batch in (messages, messages[:12], changed, changed[:5], [], messages):
+                self.assertEqual(ctx.history_chain_of(batch, exact), dp.history_chain(batch, exact=exact))
+        seeded = dp.RequestContext({}, state)
+        seeded.seed = b"team"
+        self.assertEqual(seeded.history_chain_of(messages, True), dp.history_chain(messages, exact=True, seed=b"team"))
+
+
 class Collector(unittest.TestCase):
     def test_stream_deltas_rebuild_the_message(self):
         collector = dp.AnswerCollector()
