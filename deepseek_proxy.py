@@ -2438,6 +2438,75 @@ class Numbering(collections.namedtuple("Numbering", "start end number width sepa
                                 json.dumps(self.separator))
 
 
+_JSON_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def compact_json(value):
+    """JSON as JavaScript's JSON.stringify writes it: no spaces, non-ASCII characters as they are."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_view(text):
+    """(value, path, string) when a tool result is compact JSON (it rebuilds byte for byte) holding
+    a multi-line string at depth 1 or 2 (Cline CLI 3 answers read_files with
+    [{"query": PATH, "result": "<the numbered file>"}]): the longest such string, which the
+    near-duplicate stage then diffs like any block. Else None."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if compact_json(value) != text:
+        return None
+    places = []
+    if isinstance(value, dict):
+        places = [((key,), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        places = [((index, key), item) for index, entry in enumerate(value[:16]) if isinstance(entry, dict)
+                  for key, item in entry.items()]
+    places = [(path, item) for path, item in places if isinstance(item, str) and "\n" in item
+              and _JSON_KEY.fullmatch(path[-1])]
+    if not places:
+        return None
+    path, item = max(places, key=lambda place: len(place[1]))
+    return value, path, item
+
+
+def json_notes(text):
+    """[(value, path)] of the change notes inside a compact-JSON tool result (what json_view's
+    string became), at depth 1 or 2."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return []
+    if compact_json(value) != text:
+        return []
+    entries = [((key,), item) for key, item in value.items()] if isinstance(value, dict) else [
+        ((index, key), item) for index, entry in enumerate(value) if isinstance(entry, dict)
+        for key, item in entry.items()] if isinstance(value, list) else []
+    return [(value, path) for path, item in entries if isinstance(item, str) and item.startswith("[Changed copy of ")]
+
+
+def json_path(path):
+    return "".join("[%d]" % step if isinstance(step, int) else ".%s" % step for step in path)
+
+
+def json_at(value, path):
+    for step in path:
+        value = value[step]
+    return value
+
+
+def json_with(value, path, text):
+    """The compact JSON of `value` with the string at `path` replaced (value itself untouched)."""
+    def put(node, steps):
+        if not steps:
+            return text
+        node = list(node) if isinstance(node, list) else dict(node)
+        node[steps[0]] = put(node[steps[0]], steps[1:])
+        return node
+    return compact_json(put(value, list(path)))
+
+
 _ATTACHMENT = re.compile(r"<attachment(?:\s[^<>]*)?>")
 
 
@@ -2648,8 +2717,16 @@ class NearDuplicateScan:
         parts, numbers = text_part_count(message["content"]), itertools.count(1)
         if role == "tool":
             head = self.call_places.get(message.get("tool_call_id"), tool_output_place(None, None))
-            content = map_content_text(message["content"], lambda text: self.block(
-                text, (head, part_suffix(next(numbers), parts)), position, role, ctx))
+
+            def each(text):
+                suffix = part_suffix(next(numbers), parts)
+                view = ctx.memo(json_view, text) if text[:1] in ("[", "{") else None
+                if view is None:
+                    return self.block(text, (head, suffix), position, role, ctx)
+                value, path, inner = view  # a result wrapped in JSON (Cline CLI 3's read_files)
+                sent = self.block(inner, (head, suffix + " (its JSON's %s)" % json_path(path)), position, role, ctx)
+                return text if sent is inner else json_with(value, path, sent)
+            content = map_content_text(message["content"], each)
         else:
             header = [None]  # Cline's "[tool for 'x'] Result:" alone in a part: the result is the next part
 
@@ -3995,7 +4072,7 @@ _CHANGE = re.compile(r"\[Changed copy of (.+?); its changes follow, (\d+) lines?
                      r"lines\.(?: Its lines (\d+) to (\d+) start with the line numbers (\d+) to \d+(?: \(right-aligned "
                      r"to (\d+) characters\))?, then (\"(?:[^\"\\]|\\.)*\"), left out of the diff\.)?\](?:\n|$)")
 _BLOCK_PLACE = re.compile(r"the <([^>]+)> block (\d+) messages? above(?: \(its (\d+)\w\w of them\))?$")
-_PLACE = re.compile(r"(.+) (\d+) messages? above(?: \(its (\d+)\w\w text part\))?$")
+_PLACE = re.compile(r"(.+) (\d+) messages? above(?: \(its (\d+)\w\w text part\))?(?: \(its JSON's ((?:\[\d+\]|\.[A-Za-z_]\w*)+)\))?$")
 
 
 def rebuild(sent, config=None):
@@ -4067,6 +4144,13 @@ def place_text(messages, index, where):
     if part > len(parts):
         raise ValueError("message %d: no text part %d in message %d" % (index, part, other))
     text = parts[part - 1]
+    if place.group(4):  # a string inside the JSON that text part is
+        path = [int(step[1:-1]) if step.startswith("[") else step[1:]
+                for step in re.findall(r"\[\d+\]|\.[A-Za-z_]\w*", place.group(4))]
+        try:
+            text = json_at(json.loads(text), path)
+        except (ValueError, LookupError, TypeError):
+            raise ValueError("message %d: no %s in the JSON of message %d" % (index, place.group(4), other))
     fenced = re.fullmatch(r"(?:an assistant's|the) fenced block(?: `(.*)`)?", head)
     if fenced:
         info = fenced.group(1) or ""
@@ -4099,6 +4183,9 @@ def undo_near_duplicates(messages, config):
         whole = undo_block(index, text)
         if whole is not None:
             return whole
+        for value, path in (json_notes(text) if text[:1] in ("[", "{") else ()):
+            inner = undo_block(index, json_at(value, path))
+            return json_with(value, path, inner) if inner is not None else text
         pieces, last = [], 0
         for start, end, open_line, close_line, body in find_fenced_blocks(text):
             inner = undo_block(index, body[:-1] if body.endswith("\n") else body)

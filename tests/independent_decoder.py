@@ -14,7 +14,8 @@ REPEAT = re.compile(r"\[Repeat of (.+?), unchanged\.\]")
 CHANGE = re.compile(r"\[Changed copy of (.+?); its changes follow, (\d+) lines? of unified diff without context lines\."
                     r"(?: Its lines (\d+) to (\d+) start with the line numbers (\d+) to (\d+)"
                     r"(?: \(right-aligned to (\d+) characters\))?, then (\"(?:[^\"\\]|\\.)*\"), left out of the diff\.)?\]")
-DISTANCE = re.compile(r"^(.*) (\d+) messages? (above|below)(?: \(its (\d+)(?:st|nd|rd|th) text part\))?$")
+DISTANCE = re.compile(r"^(.*) (\d+) messages? (above|below)(?: \(its (\d+)(?:st|nd|rd|th) text part\))?"
+                      r"(?: \(its JSON's ((?:\[\d+\]|\.[A-Za-z_][A-Za-z0-9_]*)+)\))?$")
 TAG_PLACE = re.compile(r"^the <([^>]+)> block (\d+) messages? above(?: \(its (\d+)(?:st|nd|rd|th) of them\))?$")
 COPY_PLACE = re.compile(r"^the copy of this block (\d+) messages? (above|below) \(that message's (\d+)(?:st|nd|rd|th) "
                         r"fenced block\)$")
@@ -158,6 +159,11 @@ class Decoder:
         head, other = place.group(1), index - int(place.group(2))
         texts = parts_of(self.out[other])
         text = texts[int(place.group(4) or 1) - 1]
+        if place.group(5):
+            value = json.loads(text)
+            for step in re.findall(r"\[(\d+)\]|\.([A-Za-z_][A-Za-z0-9_]*)", place.group(5)):
+                value = value[int(step[0])] if step[0] else value[step[1]]
+            text = value
         fenced = FENCED_PLACE.match(head)
         if fenced:
             wanted = fenced.group(1) or ""
@@ -186,6 +192,23 @@ class Decoder:
             width, separator = int(change.group(7) or 0), json.loads(change.group(8))
             lines[k - 1:l] = [str(m + i).rjust(width) + separator + line for i, line in enumerate(lines[k - 1:l])]
         return "\n".join(lines)
+
+    def in_json(self, index, text):
+        """A tool result in compact JSON with a change note as one of its strings (depth 1 or 2)."""
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if json.dumps(value, ensure_ascii=False, separators=(",", ":")) != text:
+            return None
+        holders = [value] if isinstance(value, dict) else [v for v in value if isinstance(v, dict)] \
+            if isinstance(value, list) else []
+        for holder in holders:
+            for key, item in holder.items():
+                if isinstance(item, str) and item.startswith("[Changed copy of "):
+                    holder[key] = self.change(index, item)
+                    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        return None
 
     def repeat(self, index, text):
         """A text that is one repeat of a tool output or a Cline result, decoded."""
@@ -243,6 +266,7 @@ class Decoder:
         each layer reads its sources as the layers before it left them."""
         self.layer(lambda i, text: self.fenced(i, text, lambda body: self.markdown_copy(i, body)))
         self.layer(lambda i, text: self.change(i, text) if self.change(i, text) is not None
+                   else self.in_json(i, text) if text[:1] in "[{" and self.in_json(i, text) is not None
                    else self.fenced(i, text, lambda body: self.change(i, body)))
         self.layer(lambda i, text: self.repeat(i, text) if self.repeat(i, text) is not None else text)
         self.layer(self.boilerplate)

@@ -1,5 +1,6 @@
 """The near-duplicate stage: deltas that rebuild the exact text, only where they pay, linear matching."""
 
+import json
 import random
 import re
 import time
@@ -189,6 +190,33 @@ class ClientShapes(unittest.TestCase):
         self.assertLess(len(second), 600)
         self.assertEqual(dp.rebuild(sent), messages)
         self.assertEqual(decode(sent), messages)
+
+
+class JsonWrappedResults(unittest.TestCase):
+    def test_cline_cli_3_reads_in_json_are_diffed_inside_it(self):
+        lines = code(80).split("\n")
+        def result(body, query="/w/a.py"):
+            view = "\n".join("%2d | %s" % (k + 1, line) for k, line in enumerate(body))
+            return json.dumps([{"query": query, "result": view, "success": True}], separators=(",", ":"))
+        edited = lines[:5] + ["    changed = 1  # a line the edit changed"] + lines[6:]
+        messages = [{"role": "user", "content": "Fix a.py"},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c0", "type": "function", "function": {
+                        "name": "read_files", "arguments": json.dumps({"files": [{"path": "/w/a.py"}]})}}]},
+                    {"role": "tool", "tool_call_id": "c0", "content": result(lines)},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                        "name": "read_files", "arguments": json.dumps({"files": [{"path": "/w/a.py"}]})}}]},
+                    {"role": "tool", "tool_call_id": "c1", "content": result(edited)},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c2", "type": "function", "function": {
+                        "name": "read_files", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "c2", "content": '{"result": "not\\nJSON as Cline writes it" }'}]
+        out = dp.dedup_near_duplicates(messages, ctx())
+        sent = json.loads(out[4]["content"])
+        self.assertTrue(sent[0]["result"].startswith("[Changed copy of the output of the read_files call for `/w/a.py` "
+                                                     "2 messages above (its JSON's [0].result); "), sent[0]["result"][:200])
+        self.assertEqual((sent[0]["query"], sent[0]["success"]), ("/w/a.py", True))
+        self.assertEqual(out[6], messages[6], "JSON that does not rebuild byte for byte is left alone")
+        self.assertEqual(dp.rebuild(out), messages)
+        self.assertEqual(decode(out), messages)
 
 
 class NumberedViews(unittest.TestCase):
