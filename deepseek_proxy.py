@@ -2447,10 +2447,12 @@ def compact_json(value):
 
 
 def json_view(text):
-    """(value, path, string) when a tool result is compact JSON (it rebuilds byte for byte) holding
-    a multi-line string at depth 1 or 2 (Cline CLI 3 answers read_files with
+    """(path, string, start, end) when a tool result is compact JSON (it rebuilds byte for byte)
+    holding a multi-line string at depth 1 or 2 (Cline CLI 3 answers read_files with
     [{"query": PATH, "result": "<the numbered file>"}]): the longest such string, which the
-    near-duplicate stage then diffs like any block. Else None."""
+    near-duplicate stage then diffs like any block, and where its JSON literal stands in the text
+    (text[start:end]), so that it is replaced by splicing. The parsed value is not kept (the memo
+    holds this result). Else None."""
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
@@ -2468,7 +2470,11 @@ def json_view(text):
     if not places:
         return None
     path, item = max(places, key=lambda place: len(place[1]))
-    return value, path, item
+    needle = "%s:%s" % (compact_json(path[-1]), compact_json(item))
+    if text.count(needle) != 1:
+        return None
+    start = text.index(needle) + len(compact_json(path[-1])) + 1
+    return path, item, start, start + len(compact_json(item))
 
 
 def json_notes(text):
@@ -2505,6 +2511,12 @@ def json_with(value, path, text):
         node[steps[0]] = put(node[steps[0]], steps[1:])
         return node
     return compact_json(put(value, list(path)))
+
+
+def json_spliced(text, view, string):
+    """The JSON text of a json_view with its string replaced."""
+    _path, _item, start, end = view
+    return text[:start] + compact_json(string) + text[end:]
 
 
 _ATTACHMENT = re.compile(r"<attachment(?:\s[^<>]*)?>")
@@ -2723,9 +2735,9 @@ class NearDuplicateScan:
                 view = ctx.memo(json_view, text) if text[:1] in ("[", "{") else None
                 if view is None:
                     return self.block(text, (head, suffix), position, role, ctx)
-                value, path, inner = view  # a result wrapped in JSON (Cline CLI 3's read_files)
+                path, inner = view[0], view[1]  # a result wrapped in JSON (Cline CLI 3's read_files)
                 sent = self.block(inner, (head, suffix + " (its JSON's %s)" % json_path(path)), position, role, ctx)
-                return text if sent is inner else json_with(value, path, sent)
+                return text if sent is inner else json_spliced(text, view, sent)
             content = map_content_text(message["content"], each)
         else:
             header = [None]  # Cline's "[tool for 'x'] Result:" alone in a part: the result is the next part
