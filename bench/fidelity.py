@@ -66,13 +66,11 @@ def main():
     args = parser.parse_args()
     proxy.log.disabled = True
     report = Report("fidelity", args.write_docs, "Every request rebuilt from what was sent")
-    report.line("| session | requests | exact by rebuild() | exact by the independent decoder | repeat notes "
-                "| change notes |")
-    report.line("|---|---|---|---|---|---|")
+    report.columns("session", "requests", "exact by rebuild()", "exact by the independent decoder", "repeat notes",
+                   "change notes")
     sources = [(name, lambda name=name: SESSIONS[name]().requests) for name in SESSIONS]
     sources += [("recorded: " + name, lambda name=name: replay_traffic.Session(name).requests)
-                for name in replay_traffic.CLIENT_ORDER
-                if os.path.exists(os.path.join(replay_traffic.TRAFFIC, name + ".jsonl.gz"))]
+                for name in replay_traffic.recorded_clients()]
     for label, requests in sources:
         total, by_rebuild, by_decoder, notes = check(requests())
         report.line("| %s | %d | %d | %d | %d | %d |" % (label, total, by_rebuild, by_decoder, notes["repeat"],

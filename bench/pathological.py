@@ -47,8 +47,7 @@ def main():
     args = parser.parse_args()
     dp.log.disabled = True
     report = Report("pathological", args.write_docs, "Megabyte inputs built against the stages")
-    report.line("| input | characters | prepare() s (median of 3) | goal %.1f s |" % GOAL)
-    report.line("|---|---|---|---|")
+    report.columns("input", "characters", "prepare() s (median of 3)", "goal %.1f s" % GOAL)
     settings = dict(MIN_SEGMENT_CHARS=100, MARKDOWN_DEDUP="auto", MAX_CONTEXT=100000000)
     for name, text in PATHOLOGICAL.items():
         messages = [{"role": "system", "content": "s"}, {"role": "user", "content": text},

@@ -43,9 +43,18 @@ RUN = 3  # lines: a repeated run at least this long is free at the floor
 KEY = "sk-test-key-abcd"  # the key the recordings were made with (their reasoning seals use it)
 
 
+def recording(name):
+    return os.path.join(TRAFFIC, name + ".jsonl.gz")
+
+
+def recorded_clients():
+    """The clients of CLIENT_ORDER that have a recording, in that order."""
+    return [name for name in CLIENT_ORDER if os.path.exists(recording(name))]
+
+
 def load(name):
     """(meta, [(path, body)] of the model requests, [answers])."""
-    with gzip.open(os.path.join(TRAFFIC, name + ".jsonl.gz"), "rt", encoding="utf-8") as handle:
+    with gzip.open(recording(name), "rt", encoding="utf-8") as handle:
         lines = [json.loads(line) for line in handle]
     requests = [(entry["path"].split("?")[0], json.loads(entry["body"])) for entry in lines[1:]
                 if entry.get("method") == "POST" and entry["path"].split("?")[0] in
@@ -146,11 +155,10 @@ def main():
     args = parser.parse_args()
     proxy.log.disabled = True
     report = Report("replay-traffic", args.write_docs, "Recorded real clients, billed")
-    report.line("| client | front | requests | history kept | direct $ | floor | proxy | proxy - floor "
-                "| cache hit direct / proxy | repeated lines left: proxy / floor | refused | pipeline ms/request |")
-    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    report.columns("client", "front", "requests", "history kept", "direct $", "floor", "proxy", "proxy - floor",
+                   "cache hit direct / proxy", "repeated lines left: proxy / floor", "refused", "pipeline ms/request")
     for name in args.clients.split(","):
-        if not os.path.exists(os.path.join(TRAFFIC, name + ".jsonl.gz")):
+        if not os.path.exists(recording(name)):
             report.line("| %s | not recorded | | | | | | | | | |" % name)
             continue
         session = Session(name)

@@ -23,6 +23,11 @@ class Report:
         self.name, self.write, self.title = name, write, title
         self.lines = []
 
+    def columns(self, *names):
+        """A markdown table's header and its rule."""
+        self.line("| %s |" % " | ".join(names))
+        self.line("|" + "---|" * len(names))
+
     def line(self, text=""):
         print(text, flush=True)
         self.lines.append(text)

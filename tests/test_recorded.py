@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import replay_traffic  # noqa: E402
 
 SETTINGS = dict(MAX_CONTEXT=100000000)  # the defaults, below the budget: every rewrite must rebuild
-CLIENTS = [name for name in replay_traffic.CLIENT_ORDER
-           if os.path.exists(os.path.join(replay_traffic.TRAFFIC, name + ".jsonl.gz"))]
+CLIENTS = replay_traffic.recorded_clients()
 
 
 _REPLAYED = {}
