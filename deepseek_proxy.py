@@ -2164,6 +2164,13 @@ def tool_output_place(name, subject):
     return "the output of the %s call%s" % (name or "tool", " for `%s`" % subject if subject else "")
 
 
+def call_output_place(call):
+    """tool_output_place for the output of one tool call (a chat message's tool_calls entry)."""
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    return tool_output_place(function.get("name"), call_subject(arguments) if isinstance(arguments, str) else None)
+
+
 def boilerplate_finder(config):
     """find_boilerplate_blocks for the configuration's BOILERPLATE_PATTERNS: one function per table
     (so the per-text memo keeps results per table), made once per configuration."""
@@ -2330,9 +2337,7 @@ def dedup_tool_outputs(messages, ctx):
     result = []
     for position, message in enumerate(messages):
         for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            call_places[call.get("id")] = tool_output_place(function.get("name"), call_subject(
-                function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
+            call_places[call.get("id")] = call_output_place(call)
         if message["role"] != "tool" or not message.get("content"):
             result.append(message)
             continue
@@ -2708,7 +2713,6 @@ class NearDuplicateScan:
         self.call_places, self.anchors, self.saved = {}, [], 0
         self.count = 0  # messages scanned
         self.changed = {}  # position -> what was sent instead of the message there (only those)
-        self.attached = set()  # positions whose attachments are registered
         self.size = 0  # characters kept (the block index's lines, the changed messages): the LRU's measure
 
     def output(self, messages):
@@ -2720,9 +2724,7 @@ class NearDuplicateScan:
         self.count += 1
         self.size += 64
         for call in message.get("tool_calls") or ():
-            function = call.get("function") or {}
-            self.call_places[call.get("id")] = tool_output_place(function.get("name"), call_subject(
-                function.get("arguments")) if isinstance(function.get("arguments"), str) else None)
+            self.call_places[call.get("id")] = call_output_place(call)
         role = message["role"]
         if role not in ("tool", "user", "assistant") or not message.get("content"):
             return message
@@ -2778,10 +2780,7 @@ class NearDuplicateScan:
     def attachments(self, text, position, ctx):
         """Register the contents of each attachment (Copilot's <attachment filePath=...>raw file
         </attachment>) as an earlier block: the agent reads those files again with its tools."""
-        if position in self.attached:
-            return
-        self.attached.add(position)
-        found = [(start, end) for start, end in ctx.memo(attachment_spans, text)]
+        found = ctx.memo(attachment_spans, text)
         for number, (start, end) in enumerate(found):
             inner = attachment_contents(text[start:end])
             if ctx.config.MIN_NEAR_DUP_CHARS <= len(inner) <= ctx.config.NEAR_DUP_MAX_CHARS:
