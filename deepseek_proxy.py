@@ -181,6 +181,7 @@ MAX_CONNECTIONS = 64  # concurrent client connections; more are answered 503 at 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # bytes; larger request bodies get 413 without being read
 MAX_JSON_DEPTH = 128  # arrays and objects nested deeper than this in a request body are a 400
 MAX_BODY_BYTES_IN_FLIGHT = 256 * 1024 * 1024  # bytes of request bodies held at once; beyond, 503
+BODY_MEMORY_BYTES = 64 * 1024 * 1024  # bytes of answered request bodies kept so the next request parses only what it adds (0: off)
 CLIENT_TIMEOUT = 60.0  # seconds a client has, in total, to send a request's headers and body
 IDLE_TIMEOUT = 30.0  # seconds a kept-open client connection may wait for its next request
 SHUTDOWN_GRACE = 10.0  # seconds in-flight requests get to finish after SIGTERM/SIGINT
@@ -452,6 +453,192 @@ def encode_json(payload, pieces=None, tools_json=None):
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace").encode("utf-8")
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*").match
+_JSON_DECODER = json.JSONDecoder()
+HISTORY_KEYS = ("messages", "input")  # the member holding a conversation's history (chat, Anthropic; Responses)
+
+
+class BodyLayout:
+    """A parsed request body and where each item of its history ("messages", or Responses' "input")
+    ends, so that the next request of the conversation, which repeats this one's bytes up to some
+    item and adds the rest, is parsed from there on only (RecentBodies). The values are shared with
+    later requests that reuse them: nothing in the proxy changes a parsed body in place."""
+
+    __slots__ = ("raw", "body", "key", "head", "ends", "depths", "user", "objects")
+
+    def __init__(self, raw, body, key, head, ends, depths, user=None):
+        self.raw, self.body, self.key, self.user = raw, body, key, user
+        self.objects = None  # the ObjectMemo of the request that sent this body
+        self.head = head  # the members before the history, as they were parsed there
+        self.ends = ends  # (byte offset, character offset) just after each item of the history
+        self.depths = depths  # depths[k]: how deeply the history's first k+1 items nest, at most
+
+
+class _History:
+    """The history array of a body being parsed: its key, items, where each ends, the members before."""
+
+    __slots__ = ("key", "items", "ends", "head")
+
+    def __init__(self, key=None, items=None, ends=None, head=None):
+        self.key, self.items, self.ends, self.head = key, items or [], ends or [], head or {}
+
+
+def _scan_items(text, i, history, after_item):
+    """Parse the rest of the history array from character i (just after an item when after_item,
+    else just after its "["); returns the index after its "]"."""
+    scan, space, items, ends = _JSON_DECODER.scan_once, _JSON_SPACE, history.items, history.ends
+    i = space(text, i).end()
+    if not after_item:
+        if text.startswith("]", i):
+            return i + 1
+        value, i = scan(text, i)
+        items.append(value)
+        ends.append(i)
+        i = space(text, i).end()
+    while not text.startswith("]", i):
+        if not text.startswith(",", i):
+            raise ValueError("not a JSON array")
+        value, i = scan(text, space(text, i + 1).end())
+        items.append(value)
+        ends.append(i)
+        i = space(text, i).end()
+    return i + 1
+
+
+def _scan_members(text, i, body, history, resumed=False):
+    """Parse the members of a JSON object into body, from character i: just after its "{", or, when
+    resumed, just after an item of its history. The history (the first "messages" or "input" member
+    that is an array) is parsed item by item into `history`. Returns the index after "}"."""
+    space = _JSON_SPACE
+    if resumed:
+        i = _scan_items(text, i, history, True)
+    else:
+        i = space(text, i).end()
+        if text.startswith("}", i):
+            return i + 1
+        i = _scan_member(text, i, body, history)
+    while True:
+        i = space(text, i).end()
+        if text.startswith("}", i):
+            return i + 1
+        if not text.startswith(",", i):
+            raise ValueError("not a JSON object")
+        i = _scan_member(text, space(text, i + 1).end(), body, history)
+
+
+def _scan_member(text, i, body, history):
+    if not text.startswith('"', i):
+        raise ValueError("not a JSON object")
+    key, i = json.decoder.scanstring(text, i + 1)
+    i = _JSON_SPACE(text, i).end()
+    if not text.startswith(":", i):
+        raise ValueError("not a JSON object")
+    i = _JSON_SPACE(text, i + 1).end()
+    if key in HISTORY_KEYS and history.key is None and key not in body and text.startswith("[", i):
+        history.key = key
+        history.head.update(body)
+        body[key] = history.items
+        return _scan_items(text, i + 1, history, False)
+    body[key], i = _JSON_DECODER.scan_once(text, i)
+    return i
+
+
+def parse_body(raw, text, previous=None, user=None):
+    """json.loads(text) for a request body, with its BodyLayout; None when the body is not an object
+    with a history array, or anything is unusual (the caller then parses it with json.loads, which
+    also words the error). With `previous`, (layout, k) from RecentBodies.match (a kept body whose
+    bytes up to the end of its history's k-th item this body repeats), the first k items and the
+    members before them are taken as they are (the same objects) and only the rest is parsed."""
+    body = {}
+    try:
+        if previous is None:
+            history, i = _History(), _JSON_SPACE(text, 0).end()
+            if not text.startswith("{", i):
+                return None
+            i = _scan_members(text, i + 1, body, history)
+        else:
+            old, k = previous
+            history = _History(old.key, old.body[old.key][:k], [end[1] for end in old.ends[:k]], old.head)
+            body.update(old.head)
+            body[old.key] = history.items
+            i = _scan_members(text, old.ends[k - 1][1], body, history, resumed=True)
+        if history.key is None or _JSON_SPACE(text, i).end() != len(text) or body[history.key] is not history.items:
+            return None
+    except (ValueError, StopIteration, RecursionError):
+        return None
+    items, ends = history.items, history.ends
+    if len(raw) == len(text):
+        byte_ends = ends
+    else:  # not ASCII: where each item ends in bytes, one pass over the text
+        byte_ends, at, size = [], 0, 0
+        for end in ends:
+            size += len(text[at:end].encode("utf-8", "surrogatepass"))
+            byte_ends.append(size)
+            at = end
+    start = previous[1] if previous else 0
+    depths = list(previous[0].depths[:start]) if previous else []
+    deepest = depths[-1] if depths else 0
+    for item in items[start:]:
+        deepest = max(deepest, json_depth(item))
+        depths.append(deepest)
+    return BodyLayout(raw, body, history.key, history.head, list(zip(byte_ends, ends)), depths, user)
+
+
+class RecentBodies:
+    """The last request bodies DeepSeek accepted (bounded by count and bytes), kept so that the next
+    request of a conversation, which repeats one of them up to some message, is parsed only from
+    there: its repeated messages are then the same objects as before, which every per-text memo finds
+    without hashing again. Kept per team key; a body is kept only once its request was answered."""
+
+    ENTRIES = 16  # bodies kept at most (an engineering bound: each lookup compares against them)
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._items = collections.deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def match(self, raw, user=None):
+        """(layout, k): a kept body whose bytes up to the end of its k-th message (k >= 1) begin raw,
+        the longest such; None when there is none."""
+        with self._lock:
+            items = list(self._items)
+        best = None
+        for layout in reversed(items):
+            if layout.user != user or not layout.ends:
+                continue
+            old = memoryview(layout.raw)
+            if not raw.startswith(old[:layout.ends[0][0]]):
+                continue
+            low, high = 1, len(layout.ends)  # the first k messages match; find the most
+            if raw.startswith(old[:layout.ends[-1][0]]):
+                low = high
+            while low < high:
+                middle = (low + high + 1) // 2
+                if raw.startswith(old[:layout.ends[middle - 1][0]]):
+                    low = middle
+                else:
+                    high = middle - 1
+            if best is None or layout.ends[low - 1][0] > best[0].ends[best[1] - 1][0]:
+                best = (layout, low)
+            if low == len(layout.ends):
+                break
+        return best
+
+    def keep(self, layout, replaces=None):
+        """Keep an answered request's layout (in place of the one it extended)."""
+        if not self.max_bytes or len(layout.raw) > self.max_bytes:
+            return
+        with self._lock:
+            if replaces is not None and replaces in self._items:
+                self._items.remove(replaces)
+                self._bytes -= len(replaces.raw)
+            self._items.append(layout)
+            self._bytes += len(layout.raw)
+            while len(self._items) > self.ENTRIES or self._bytes > self.max_bytes:
+                self._bytes -= len(self._items.popleft().raw)
 
 
 def json_depth(value):
@@ -729,6 +916,44 @@ class TextMemo:
                     old_table, old = self.order.popleft()
                     old_table.pop(old, None)
                     self.chars -= len(old)
+        return result
+
+
+class ObjectMemo:
+    """Results of pure functions of one parsed message, by the object itself: a conversation's
+    repeated messages are the same objects from request to request (RecentBodies), and so are what
+    the stages make of them when nothing changed, so their digests, estimates, checks and JSON are not
+    computed again. A request reads the memo of the request whose body it resumed and writes its own,
+    which holds only what it used; that one is kept with its body once DeepSeek answered (so a refused
+    request, or explain, keeps nothing, and what a conversation no longer sends is let go). Each entry
+    holds its object, so an id is never taken for another's."""
+
+    def __init__(self, parent=None):
+        self.earlier = parent.tables if parent is not None else {}  # read only: other requests may share it
+        self.tables = {}  # name -> {id(item): (item, result)}: what this request used
+
+    def get(self, name, item):
+        """The result remembered under `name` for this very object, or None."""
+        table = self.tables.get(name)
+        if table is None:
+            table = self.tables[name] = {}
+        entry = table.get(id(item))
+        if entry is None or entry[0] is not item:
+            entry = self.earlier.get(name, {}).get(id(item))
+            if entry is None or entry[0] is not item:
+                return None
+            table[id(item)] = entry
+        return entry[1]
+
+    def put(self, name, item, value):
+        self.tables.setdefault(name, {})[id(item)] = (item, value)
+
+    def __call__(self, name, function, item):
+        """function(item), remembered under `name` for this very object."""
+        result = self.get(name, item)
+        if result is None:
+            result = function(item)
+            self.put(name, item, result)
         return result
 
 
@@ -1012,13 +1237,19 @@ def has_non_text_parts(content):
 def message_tokens(message, factor=1.0, tokens_of=raw_tokens):
     """Estimated tokens of one message: its texts (tokens_of: raw_tokens, or a memo of it), scaled by
     the calibration factor, plus the chat template's tokens around it and its tool calls."""
+    overhead, raw = message_token_parts(message, tokens_of)
+    return overhead + int(raw * factor)
+
+
+def message_token_parts(message, tokens_of=raw_tokens):
+    """(the chat template's tokens around a message and its tool calls, its texts' raw estimate)."""
     raw = tokens_of(content_text(message.get("content"))) + tokens_of(message.get("reasoning_content") or "")
     overhead = MESSAGE_OVERHEAD_TOKENS
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
         raw += tokens_of(str(function.get("name", "")) + str(function.get("arguments", "")))
         overhead += 8
-    return overhead + int(raw * factor)
+    return overhead, raw
 
 
 def normalise_answer_text(text):
@@ -1395,7 +1626,7 @@ def upstream_failure(status, raw, headers, api_key):
     return UpstreamError(status, body, retry_after_seconds(headers))
 
 
-def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, tools_json=None):
+def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, tools_json=None, pieces=None):
     """POST payload to DeepSeek's chat endpoint; returns the UpstreamResponse (status 200).
 
     429, 5xx, timeouts and connection failures are retried `retries` times, sleeping base_sleep
@@ -1403,7 +1634,7 @@ def open_upstream(state, payload, retries=None, base_sleep=None, timeout=None, t
     are raised at once as UpstreamError."""
     retries = state.config.UPSTREAM_MAX_RETRIES if retries is None else retries
     base_sleep = state.config.UPSTREAM_RETRY_BASE_SLEEP if base_sleep is None else base_sleep
-    data = encode_json(payload, state.message_json, tools_json)
+    data = encode_json(payload, pieces or state.message_json, tools_json)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer " + state.api_key,
                "Accept": "text/event-stream" if payload.get("stream") else "application/json",
                "User-Agent": "deepseek-proxy/" + __version__}
@@ -1580,12 +1811,14 @@ class RequestContext:
     identifies its first k messages (a SHA-256 chain over what survives a client's echo of a
     message), so anything keyed by it can only be found again inside the same conversation."""
 
-    def __init__(self, body, state, explain=False, user=None):
+    def __init__(self, body, state, explain=False, user=None, objects=None):
         self.state = state
         self.explain = explain  # explain mode: no call to DeepSeek, no memory changed
         self.user = user  # the team key's name (--keys), or None
         # every chain starts from the key's name: what one person's conversations keep is never found by another's
         self.seed = hashlib.sha256(b"user\x00" + user.encode("utf-8")).digest() if user else b""
+        # per-message results by the message object, across a conversation's requests (ObjectMemo)
+        self.objects = objects if objects is not None else ObjectMemo()
         # memo(function, text): the state's per-text memo, which explain only reads
         self.memo = functools.partial(state.memo, store=False) if explain else state.memo
         self.request_id = uuid.uuid4().hex[:12]
@@ -1606,7 +1839,6 @@ class RequestContext:
         self._chain = None
         self._conversation_key = None
         self._last_count = (None, 0, 0)
-        self._token_memo = {}  # id(message) -> (message, tokens)
         self._chains = []  # (exact, messages, chain) computed for this request (history_chain_of)
         self._tools_tokens = None
         self.kept = []  # what to remember once the answer is in (keep())
@@ -1635,8 +1867,17 @@ class RequestContext:
             if same > reused:
                 best, reused = chain, same
         chain = best[:reused + 1] if best else [self.seed]
+        # each link remembered by its message object and the link before it: an earlier request of
+        # the conversation chained the same objects
+        name, objects = "link exact" if exact else "link", self.objects
         for message in messages[reused:]:
-            chain.append(hashlib.sha256(chain[-1] + message_digest(message, self.memo, exact)).digest())
+            entry, last = objects.get(name, message), chain[-1]
+            if entry is not None and entry[0] == last:
+                chain.append(entry[1])
+                continue
+            link = hashlib.sha256(last + message_digest(message, self.memo, exact)).digest()
+            objects.put(name, message, (last, link))
+            chain.append(link)
         self._chains = (self._chains + [(exact, list(messages), chain)])[-4:]
         return chain
 
@@ -1668,13 +1909,17 @@ class RequestContext:
         return not any(message["role"] == "assistant" for message in self.normalised or ())
 
     def message_tokens(self, message):
-        """Estimated tokens of a message, computed once per message object in this request (the
-        stages pass unchanged messages on as the same objects)."""
-        entry = self._token_memo.get(id(message))
-        if entry is None or entry[0] is not message:
-            entry = self._token_memo[id(message)] = (message, message_tokens(
-                message, self.state.calibration.factor, lambda text: self.memo(raw_tokens, text)))
-        return entry[1]
+        """Estimated tokens of a message, computed once per message object (the stages pass unchanged
+        messages on as the same objects, and a conversation's next request resends them: ObjectMemo)."""
+        overhead, raw = self.objects("tokens", self._token_parts, message)
+        return overhead + int(raw * self.state.calibration.factor)
+
+    def _token_parts(self, message):
+        return message_token_parts(message, lambda text: self.memo(raw_tokens, text))
+
+    def message_json(self, message):
+        """The JSON of an upstream message (state.message_json), once per message object."""
+        return self.objects("json", self.state.message_json, message)
 
     def prompt_tokens(self, messages):
         """Estimated prompt tokens of messages plus this request's tool definitions (remembered for
@@ -1684,10 +1929,9 @@ class RequestContext:
         if self._tools_tokens is None:
             self._tools_tokens = int(self.memo(raw_tokens, self.tools_json) *
                                      self.state.calibration.factor) if self.tools else 0
-        total, memo = REQUEST_OVERHEAD_TOKENS + self._tools_tokens, self._token_memo
+        total = REQUEST_OVERHEAD_TOKENS + self._tools_tokens
         for message in messages:
-            entry = memo.get(id(message))
-            total += entry[1] if entry is not None and entry[0] is message else self.message_tokens(message)
+            total += self.message_tokens(message)
         self._last_count = (messages, len(messages), total)
         return total
 
@@ -1931,7 +2175,11 @@ def restore_reasoning(messages, ctx):
                 ctx.reasoning_filled += 1
             else:
                 ctx.reasoning_restored += 1
-            message = dict(message, reasoning_content=reasoning)
+            restored = ctx.objects.get("restored", message)  # the same object as last time, if it can be
+            if restored is None or restored["reasoning_content"] != reasoning:
+                restored = dict(message, reasoning_content=reasoning)
+                ctx.objects.put("restored", message, restored)
+            message = restored
         result.append(message)
     return result
 
@@ -3719,22 +3967,29 @@ def outer_test(shape):
 SHAPE_TESTS = {id(table): shape_test(table) for table in (CHAT_REQUEST, ANTHROPIC_REQUEST, RESPONSES_REQUEST)}
 
 
-def check_request(body, shape):
+def check_request(body, shape, known=None):
+    """Raise a ClientError naming the field when body does not have the shape. `known(message)`:
+    a message already checked (in an earlier request of the conversation) is not walked again."""
     if not isinstance(body, dict):
         raise ClientError(400, "The request body must be a JSON object.")
     if "messages" in shape and (not isinstance(body.get("messages"), list) or not body["messages"]):
         raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
-    if not SHAPE_TESTS[id(shape)](body):
+    view = dict(body, messages=[m for m in body["messages"] if not known(m)]) if known else body
+    if not SHAPE_TESTS[id(shape)](view):
         check_shape(body, shape, "body")  # names the field
 
 
-def validate_chat_request(body):
-    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what."""
-    check_request(body, CHAT_REQUEST)
+def validate_chat_request(body, objects=None):
+    """Reject what DeepSeek would reject or the pipeline cannot read, with a message saying what.
+    With `objects` (an ObjectMemo), a message object checked before is not checked again."""
+    known = (lambda message: objects.get("valid", message) is not None) if objects is not None else None
+    check_request(body, CHAT_REQUEST, known)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
     for index, message in enumerate(messages):
+        if known and known(message):
+            continue
         where = "messages[%d]" % index
         if not isinstance(message, dict):
             raise ClientError(400, where + " must be an object.")
@@ -3765,6 +4020,8 @@ def validate_chat_request(body):
             raise ClientError(400, where + ".tool_call_id must be a string.")
         if not isinstance(message.get("reasoning_content", ""), (str, type(None))):
             raise ClientError(400, where + ".reasoning_content must be a string.")
+    for message in messages if objects is not None else ():
+        objects.put("valid", message, True)
     if body.get("tools") is not None and not isinstance(body["tools"], list):
         raise ClientError(400, "'tools' must be an array.")
     if not isinstance(body.get("stream", False), (bool, type(None))):
@@ -3812,12 +4069,14 @@ def run_pipeline(messages, ctx):
     return messages
 
 
-def prepare(body, state, client_body=None, user=None):
+def prepare(body, state, client_body=None, user=None, objects=None):
     """Validate a chat body and rewrite it for DeepSeek. Raises ClientError for bad input.
     `client_body` is what the client sent when a front translated it (kept for dumps and /stats);
-    `user`, the team key's name (its conversations are kept apart, its spend counted)."""
-    validate_chat_request(body)
-    ctx = RequestContext(body, state, user=user)
+    `user`, the team key's name (its conversations are kept apart, its spend counted); `objects`, the
+    ObjectMemo this request works on (RecentBodies hands the conversation's last one on)."""
+    objects = objects if objects is not None else ObjectMemo()
+    validate_chat_request(body, objects)
+    ctx = RequestContext(body, state, user=user, objects=objects)
     ctx.tokens_in = ctx.prompt_tokens(body["messages"])
     messages = run_pipeline(body["messages"], ctx)
     ctx.sent_messages = messages
@@ -3918,7 +4177,7 @@ def forward(prepared, exchange, front, writer, upstream=None):
     client_gone = False
     try:
         response = upstream(prepared) if upstream else open_upstream(
-            ctx.state, prepared.upstream_body, tools_json=ctx.tools_json)
+            ctx.state, prepared.upstream_body, tools_json=ctx.tools_json, pieces=ctx.message_json)
         collector = AnswerCollector()
         if prepared.upstream_body.get("stream"):
             client_gone = relay_stream(response, prepared, collector, exchange, writer)
@@ -5634,6 +5893,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.cors_origin = None
         self.head_only = False
         self.front = ChatFront
+        self.layout = None  # (BodyLayout, the kept one it extended) of this request's body (RecentBodies)
 
     def handle_one_request(self):
         """Wait up to IDLE_TIMEOUT for a request to begin, then give its headers and body
@@ -5649,7 +5909,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.connection.settimeout(self.config.CLIENT_TIMEOUT)
         self.deadline = self.server.deadlines.arm(self.connection, self.config.CLIENT_TIMEOUT)
-        self.cors_origin, self.head_only, self.front = None, False, ChatFront
+        self.cors_origin, self.head_only, self.front, self.layout = None, False, ChatFront, None
         try:
             super().handle_one_request()
         finally:
@@ -5889,8 +6149,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
         exchange = front.exchange(body, self.state, self.user)
         self.reserve(exchange.expanded_bytes)
-        prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user)
+        layout, replaces = self.layout or (None, None)
+        prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user,
+                           objects=ObjectMemo(replaces.objects if replaces is not None else None))
         prepared.ctx.notes.extend(exchange.notes)
+        if layout is not None:  # the next request of the conversation parses only what it adds
+            layout.objects = prepared.ctx.objects
+            prepared.ctx.keep(lambda: self.state.bodies.keep(layout, replaces))
         try:
             outcome = forward(prepared, exchange, front, self)
             record(self.state, prepared, outcome, self.route())
@@ -5987,16 +6252,31 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise ClientError(400, "The request body is shorter than its Content-Length.", close=True)
         self.body_read()
         try:
-            body = json.loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
+        limit = self.config.MAX_JSON_DEPTH
+        previous = self.state.bodies.match(raw, self.user)
+        layout = parse_body(raw, text, previous, self.user)
+        if layout is not None:  # parsed from where the conversation's last request left off
+            body, new = layout.body, (layout.ends[previous[1] - 1][0] if previous else 0)
+            if max([json_depth(value) + 1 for key, value in body.items() if key != layout.key] +
+                   [layout.depths[-1] + 2 if layout.depths else 2]) > limit:
+                raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
+                                  "invalid_json")
+            if _SURROGATE_ESCAPE.search(raw, new):
+                return without_lone_surrogates(body)
+            self.layout = (layout, previous and previous[0])
+            return body
+        try:
+            body = json.loads(text)
         except RecursionError:
             body = None  # nested past Python's own limit: too deep by any measure
         except ValueError as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
-        if body is None and raw.strip() != b"null" or too_deep(raw, body, self.config.MAX_JSON_DEPTH):
-            raise ClientError(400, "The request body nests arrays or objects more than %d deep."
-                              % self.config.MAX_JSON_DEPTH, "invalid_json")
+        if body is None and raw.strip() != b"null" or too_deep(raw, body, limit):
+            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
+                              "invalid_json")
         return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
 
     def reserve(self, size):
@@ -6270,6 +6550,7 @@ class ProxyState:
         self.dumps = MessageDumps(self.data_dir, self.warn, config)
         self.responses = ResponseStore(config.RESPONSES_STORE_SIZE, config.MAX_RESPONSES_BYTES)
         self.memo = TextMemo()  # per-text results (estimates, scans) across the requests of conversations
+        self.bodies = RecentBodies(config.BODY_MEMORY_BYTES)  # answered bodies, to parse only what the next adds
         self.own_calls = HourlyBudget(config.PROXY_CALLS_PER_HOUR)  # the proxy's own paid calls
         self.keys = TeamKeys(config.KEYS_FILE) if config.KEYS_FILE else None  # named keys (--keys)
         self.shutting_down = False  # set when the shutdown grace is over: answers still open get an error

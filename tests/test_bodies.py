@@ -1,0 +1,157 @@
+"""Request bodies parsed from where the conversation's last request left off (RecentBodies,
+parse_body): the same value json.loads gives, the repeated messages shared as the same objects, and
+nothing in the proxy changes a parsed body in place (later requests reuse it)."""
+
+import copy
+import gzip
+import json
+import os
+import unittest
+
+from helpers import ProxyTestCase, ROOT, chat_body
+import deepseek_proxy as dp
+
+TRAFFIC = os.path.join(ROOT, "bench", "traffic")
+
+
+def parsed(raw, bodies=None, user=None):
+    """(layout or None, what it resumed from) for raw bytes, as the handler parses them."""
+    previous = bodies.match(raw, user) if bodies else None
+    return dp.parse_body(raw, raw.decode("utf-8"), previous, user), previous
+
+
+class ParseBody(unittest.TestCase):
+    def test_the_same_value_as_json_loads(self):
+        bodies = [
+            '{"model": "x", "messages": [{"role": "user", "content": "hi"}]}',
+            ' \n{ "messages" :[ ] , "n":1 }\r\n',
+            '{"messages":[{"role":"user","content":"caf\\u00e9 \\ud83d\\ude00 \u00e9\u4e2d"},{"a":[1,{"b":null}]}],'
+            '"tools":[{"x":NaN}],"stream":true}',
+            '{"model":"a","messages":[{"role":"user","content":"x"}],"model":"b"}',
+            '{"model":"a","model":"b","messages":[{"role":"user","content":"x"}]}',
+        ]
+        for text in bodies:
+            layout, _ = parsed(text.encode("utf-8"))
+            self.assertIsNotNone(layout, text)
+            self.assertEqual(json.dumps(layout.body), json.dumps(json.loads(text)), text)
+            self.assertEqual(list(layout.body), list(json.loads(text)), text)  # the members' order too
+
+    def test_what_it_leaves_to_json_loads(self):
+        for text in ('[1]', '{"messages": 3}', '{"messages": [1,]}', '{"messages": [1]} x', '{"messages": [1]',
+                     '{"messages": [1], "messages": [1]}', '{"a": 1 "messages": []}', '', '{"messages": [1] ,}'):
+            layout, _ = parsed(text.encode("utf-8"))
+            self.assertIsNone(layout, text)
+
+    def test_a_resumed_parse_shares_the_repeated_messages(self):
+        bodies = dp.RecentBodies(1 << 20)
+        first = chat_body(messages=[{"role": "system", "content": "s\u00e9"}, {"role": "user", "content": "q"}])
+        raw = json.dumps(first, ensure_ascii=False).encode("utf-8")
+        layout, previous = parsed(raw, bodies)
+        self.assertIsNone(previous)
+        bodies.keep(layout)
+        grown = dict(first, messages=first["messages"] + [{"role": "assistant", "content": "a"},
+                                                          {"role": "user", "content": "\u4e2d"}], stream=True)
+        raw2 = json.dumps(grown, ensure_ascii=False).encode("utf-8")
+        layout2, previous = parsed(raw2, bodies)
+        self.assertEqual(previous[1], 2)
+        self.assertEqual(layout2.body, json.loads(raw2))
+        self.assertIs(layout2.body["messages"][0], layout.body["messages"][0])
+        self.assertIs(layout2.body["messages"][1], layout.body["messages"][1])
+        # an edited last message: the messages before it are reused, it is parsed again
+        edited = dict(grown, messages=grown["messages"][:3] + [{"role": "user", "content": "other"}])
+        raw3 = json.dumps(edited, ensure_ascii=False).encode("utf-8")
+        bodies.keep(layout2, layout)
+        layout3, previous = parsed(raw3, bodies)
+        self.assertEqual((previous[0], previous[1]), (layout2, 3))
+        self.assertEqual(layout3.body, json.loads(raw3))
+        # another key's bodies are never used
+        self.assertIsNone(bodies.match(raw3, "someone"))
+
+    def test_bounded_in_bytes_and_count(self):
+        bodies = dp.RecentBodies(10000)
+        for number in range(40):
+            raw = json.dumps(chat_body(messages=[{"role": "user", "content": "%d " % number * 50}])).encode()
+            bodies.keep(parsed(raw)[0])
+        self.assertLessEqual(len(bodies._items), dp.RecentBodies.ENTRIES)
+        self.assertLessEqual(sum(len(layout.raw) for layout in bodies._items), 10000)
+        huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 20000}])).encode()
+        bodies.keep(parsed(huge)[0])
+        self.assertNotIn(huge, [layout.raw for layout in bodies._items])
+
+
+def recorded(name):
+    """[(path, raw body, answer)] of a recording's model requests (bench/replay_traffic.load's pairing)."""
+    with gzip.open(os.path.join(TRAFFIC, name + ".jsonl.gz"), "rt", encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle]
+    paths = dp.CHAT_PATHS + dp.MESSAGES_PATHS + dp.RESPONSES_PATHS
+    requests = [(entry["path"].split("?")[0], entry["body"].encode("utf-8")) for entry in lines[1:]
+                if entry.get("method") == "POST" and entry["path"].split("?")[0] in paths]
+    answers = [entry["answer"] for entry in lines[1:] if "answer" in entry]
+    return [request + (answer,) for request, answer in zip(requests, answers)]
+
+
+@unittest.skipUnless(os.path.isdir(TRAFFIC) and os.listdir(TRAFFIC),
+                     "no recordings in bench/traffic (python bench/record.py makes them)")
+class RecordedBodies(unittest.TestCase):
+    def test_no_stage_changes_a_body_that_later_requests_reuse(self):
+        # every recorded client's requests, each parsed from the last one kept, through its front and
+        # the pipeline, its answer settled: every body still equals a fresh parse of its bytes at the end
+        reused = total = 0
+        for name in sorted(file[:-len(".jsonl.gz")] for file in os.listdir(TRAFFIC)):
+            state = dp.ProxyState(dp.Config(MAX_CONTEXT=100000000), persist=False, api_key="recorded")
+            layouts = []
+            for path, raw, answer in recorded(name):
+                layout, previous = parsed(raw, state.bodies)
+                self.assertEqual(layout.body, json.loads(raw), name)
+                front = dp.ChatFront
+                if path in dp.MESSAGES_PATHS:
+                    front = dp.AnthropicFront
+                elif path in dp.RESPONSES_PATHS:
+                    front = dp.ResponsesFront
+                exchange = front.exchange(layout.body, state)
+                prepared = dp.prepare(exchange.chat_body, state, client_body=layout.body)
+                collector = dp.AnswerCollector()
+                collector.feed_response({"choices": [{"message": copy.deepcopy(answer), "finish_reason": "stop"}],
+                                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+                dp.settle(prepared, collector)
+                state.bodies.keep(layout, previous and previous[0])
+                layouts.append(layout)
+                reused += previous is not None
+                total += 1
+            for layout in layouts:
+                self.assertEqual(layout.body, json.loads(layout.raw), name)
+        self.assertGreater(reused, total * 0.8, "most recorded requests repeat their last one")
+
+
+class ThroughTheProxy(ProxyTestCase):
+    def growing(self, proxy, rounds, **extra):
+        messages = [{"role": "system", "content": "Be brief."}]
+        for number in range(rounds):
+            messages = messages + [{"role": "user", "content": "question %d \u00e9" % number}]
+            status, _, answer = proxy.chat(chat_body(messages=messages, **extra))
+            self.assertEqual(status, 200, answer)
+            messages = messages + [answer["choices"][0]["message"]]
+        return messages
+
+    def test_a_conversation_is_parsed_from_where_it_left_off(self):
+        self.growing(self.proxy, 4)
+        kept = self.proxy.state.bodies._items
+        self.assertEqual(len(kept), 1, "each answered request replaces the one it extended")
+        self.assertEqual(len(kept[0].body["messages"]), 8)  # the system prompt, 4 questions, 3 answers
+        self.assertEqual(self.fake.requests[-1]["messages"][-1]["content"], "question 3 \u00e9")
+
+    def test_refused_requests_and_explain_keep_nothing(self):
+        self.fake.failures.append(("status", 400, {"error": {"message": "no", "type": "invalid_request_error"}}))
+        status, _, _ = self.proxy.chat(chat_body(messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual(status, 400)
+        self.proxy.request("POST", "/v1/proxy/explain", chat_body(messages=[{"role": "user", "content": "hi"}]))
+        self.assertEqual(len(self.proxy.state.bodies._items), 0)
+
+    def test_off(self):
+        proxy = self.start_proxy(["--body-memory-bytes", "0"])
+        self.growing(proxy, 3)
+        self.assertEqual(len(proxy.state.bodies._items), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
