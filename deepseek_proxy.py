@@ -1429,6 +1429,8 @@ class UpstreamResponse:
         if self._connection is None:
             return
         connection, self._connection = self._connection, None
+        if not self._response.isclosed() and self._response.length == 0 and not self._response.chunked:
+            self._response.close()  # read to its Content-Length by readline(), which leaves it open
         reusable = self._response.isclosed() and not self._response.will_close
         if not reusable:
             self._response.close()

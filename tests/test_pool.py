@@ -1,9 +1,18 @@
 """The kept-open connection pool to DeepSeek: reuse, stale connections, an upstream restart, load."""
 
+import http.server
+import json
+import threading
 import unittest
 
-from helpers import API_KEY, FakeDeepSeek, ProxyTestCase, chat_body, run_in_threads, wait_for
+from helpers import API_KEY, FakeDeepSeek, Proxy, ProxyTestCase, chat_body, run_in_threads, wait_for
 import deepseek_proxy as dp
+
+
+def dp_proxy(test, upstream):
+    proxy = Proxy(upstream, test.data_dir, test.proxy_args)
+    test.addCleanup(proxy.stop)
+    return proxy
 
 
 class Pool(ProxyTestCase):
@@ -40,6 +49,48 @@ class Pool(ProxyTestCase):
         for _ in range(4):
             self.assertEqual(proxy.chat(chat_body())[0], 200)
         self.assertEqual(proxy.state.upstream.opened, opened, "the idle connections served them")
+
+    def test_a_stream_read_to_its_end_keeps_its_connection(self):
+        # a stream sent with Content-Length (http.client's readline leaves such a response open at its
+        # end) or chunked: either way the connection serves the next request
+        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [
+            {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        events = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+        class Upstream(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            chunked = False
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                if Upstream.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(events), events))
+                else:
+                    self.send_header("Content-Length", str(len(events)))
+                    self.end_headers()
+                    self.wfile.write(events)
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        for chunked in (False, True):
+            Upstream.chunked = chunked
+            proxy = dp_proxy(self, "http://127.0.0.1:%d" % server.server_address[1])
+            for _ in range(3):
+                status, _, data = proxy.request("POST", "/v1/chat/completions", chat_body(stream=True))
+                self.assertEqual(status, 200)
+                self.assertIn(b"[DONE]", data)
+            self.assertEqual(proxy.state.upstream.opened, 1, "chunked" if chunked else "Content-Length")
 
     def test_upstream_url_must_be_http(self):
         for url in ("ftp://x", "not-a-url", "http://"):
