@@ -198,7 +198,7 @@ def main():
         growing_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"), flags + ["--max-context", "100000000"],
                                      key=KEY)
         try:
-            grown = growing(direct, Client(growing_proxy.port), measured=5 if args.quick else 10)
+            grown = growing(direct, Client(growing_proxy.port), measured=5 if args.quick else 20)
         finally:
             growing_proxy.stop()
         for target, (whole, first) in grown.items():
