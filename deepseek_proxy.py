@@ -601,31 +601,31 @@ class RecentBodies:
         self._lock = threading.Lock()
 
     def match(self, raw, user=None):
-        """(layout, k): a kept body whose bytes up to the end of its k-th message (k >= 1) begin raw,
-        the longest such; None when there is none."""
+        """(layout, k): a kept body whose bytes up to the end of its k-th history item (k >= 1) begin
+        raw; None when there is none. The most recent kept body that raw repeats whole wins; else the
+        most recent one sharing its first item, searched for the last item they share. The bytes
+        compared stay within a few dozen times raw's size (ENTRIES whole compares, one search)."""
         with self._lock:
-            items = list(self._items)
-        best = None
-        for layout in reversed(items):
-            if layout.user != user or not layout.ends:
-                continue
+            items = [layout for layout in reversed(self._items) if layout.user == user and layout.ends]
+        partial = None
+        for layout in items:
             old = memoryview(layout.raw)
             if not raw.startswith(old[:layout.ends[0][0]]):
                 continue
-            low, high = 1, len(layout.ends)  # the first k messages match; find the most
             if raw.startswith(old[:layout.ends[-1][0]]):
-                low = high
-            while low < high:
-                middle = (low + high + 1) // 2
-                if raw.startswith(old[:layout.ends[middle - 1][0]]):
-                    low = middle
-                else:
-                    high = middle - 1
-            if best is None or layout.ends[low - 1][0] > best[0].ends[best[1] - 1][0]:
-                best = (layout, low)
-            if low == len(layout.ends):
-                break
-        return best
+                return layout, len(layout.ends)
+            partial = partial or layout
+        if partial is None:
+            return None
+        old, ends = memoryview(partial.raw), partial.ends
+        low, high = 1, len(ends) - 1  # the first `low` items are shared, the last is not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if raw.startswith(old[:ends[middle - 1][0]]):
+                low = middle
+            else:
+                high = middle - 1
+        return partial, low
 
     def keep(self, layout, replaces=None):
         """Keep an answered request's layout (in place of the one it extended)."""
