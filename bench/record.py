@@ -4,7 +4,7 @@
     python bench/record.py [--clients claude,codex,...] [--write-docs]
 
 Each client gets a copy of a small real project (bench/fixture_project: a package whose tests fail
-on a bulk-discount bug) and one task, and runs headless against the proxy (its default pipeline),
+on a bulk-discount bug and a reservations bug) and one task, and runs headless against the proxy (its default pipeline),
 which forwards to the fake DeepSeek playing a scripted model (bench/scripted_agent.py: the same plan
 for every client, expressed with each client's own tools: list, read whole and in ranges, grep, run
 the tests, edit with the client's own edit tool, re-read, re-run). Between the client and the proxy
@@ -236,6 +236,7 @@ def aider(base, env, work, home):
     files = ["inventory/pricing.py", "tests/test_pricing.py"]
     questions = [("Explain in two sentences what bulk_discount does now.", []),
                  ("Does report.py use the discount anywhere?", ["inventory/report.py"]),
+                 ("The reservation test still fails: fix Store.available.", ["inventory/store.py", "tests/test_store.py"]),
                  ("Is the store thread-safe when two orders take the same SKU?", ["inventory/store.py"]),
                  ("What happens to an unknown category?", []),
                  ("Does the CSV loader keep tags in order?", ["inventory/io.py"]),

@@ -90,22 +90,31 @@ def prompt_text(messages, tools):
     return (json.dumps(tools, sort_keys=True) if tools else "") + "".join(render_message(m) for m in messages)
 
 
-def repeated_line_chars(messages, tools=None):
+def repeated_line_chars(messages, tools=None, run=3):
     """(characters of tool and user messages, characters of their lines of 20+ characters that the
-    same request already carried earlier): what near-duplicate content still costs."""
-    seen, total, repeated = set(), 0, 0
+    same request already carried earlier, the part of those that come in runs of `run` or more such
+    lines): what near-duplicate content still costs, and what of it a lossless rewrite could remove."""
+    seen, total, repeated, in_runs = set(), 0, 0, 0
     for message in messages:
         text = proxy.content_text(message.get("content"))
         for call in message.get("tool_calls") or ():
             text += "\n" + call["function"]["arguments"]
         counted = message["role"] in ("tool", "user")
-        for line in text.split("\n"):
+        streak = []  # the current run of repeated lines' sizes
+        for line in text.split("\n") + [""]:
             if counted:
                 total += len(line) + 1
                 if len(line) >= 20 and line in seen:
                     repeated += len(line) + 1
+                    streak.append(len(line) + 1)
+                    continue
+                if len(streak) >= run:
+                    in_runs += sum(streak)
+                streak = []
             seen.add(line)
-    return total, repeated
+        if counted:
+            total -= 1  # the sentinel line
+    return total, repeated, in_runs
 
 
 def replay(session, settings, transform=None):
@@ -118,7 +127,7 @@ def replay(session, settings, transform=None):
     del SUMMARY_COSTS[:]
     cache = CURRENT_CACHE[0] = PrefixCache()
     totals = dict(requests=0, prompt=0, hit=0, output=0, cost_in=0.0, cost_out=0.0, pipeline_s=0.0,
-                  largest=0, chars=0, message_chars=0, repeated_chars=0)
+                  largest=0, chars=0, message_chars=0, repeated_chars=0, repeated_run_chars=0)
     try:
         for request in session.requests:
             state.wait_idle()  # background summaries are ready by the next request
@@ -129,9 +138,10 @@ def replay(session, settings, transform=None):
             messages = prepared.upstream_body["messages"]
             if transform:
                 messages = transform(messages)
-            message_chars, repeated = repeated_line_chars(messages)
+            message_chars, repeated, in_runs = repeated_line_chars(messages)
             totals["message_chars"] += message_chars
             totals["repeated_chars"] += repeated
+            totals["repeated_run_chars"] += in_runs
             text = prompt_text(messages, request["tools"])
             totals["chars"] += len(text)
             prompt, hit = tokens(text), cache.lookup(text)

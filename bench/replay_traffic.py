@@ -19,7 +19,8 @@ own history, so DeepSeek's prefix cache could hit; the others are side requests 
 Aider's, which moves its chat files); billed cost (input and output) as a ratio of direct; cache-hit share of input tokens;
 repeated lines left (characters of repeated lines of 20+ characters in tool and user messages, as
 a share of direct's, for the proxy and for the floor, which leaves the repeated lines that do not come
-in runs of 3); requests the strict fake would refuse (a tool-call turn without its reasoning,
+in runs of 3), and the part of the proxy's that comes in runs of 3+ such lines (what a lossless
+rewrite could still remove; the floor's is 0 by construction); requests the strict fake would refuse (a tool-call turn without its reasoning,
 a tool call without its answer); pipeline milliseconds per request.
 """
 
@@ -156,10 +157,11 @@ def main():
     proxy.log.disabled = True
     report = Report("replay-traffic", args.write_docs, "Recorded real clients, billed")
     report.columns("client", "front", "requests", "history kept", "direct $", "floor", "proxy", "proxy - floor",
-                   "cache hit direct / proxy", "repeated lines left: proxy / floor", "refused", "pipeline ms/request")
+                   "cache hit direct / proxy", "repeated lines left: proxy / floor", "of them in runs of 3+: proxy",
+                   "refused", "pipeline ms/request")
     for name in args.clients.split(","):
         if not os.path.exists(recording(name)):
-            report.line("| %s | not recorded | | | | | | | | | |" % name)
+            report.line("| %s | not recorded | | | | | | | | | | |" % name)
             continue
         session = Session(name)
         direct = replay.replay(session, replay.OFF)
@@ -169,13 +171,14 @@ def main():
         cost = {label: totals["cost_in"] + totals["cost_out"] for label, totals in
                 (("direct", direct), ("floor", floor), ("proxy", ours))}
         report.line("| %s %s | %s | %d | %d of %d | %.4f | %.3fx | %.3fx | %+.3f | %.1f%% / %.1f%% | %.1f%% / %.1f%% "
-                    "| %d | %.1f |" % (
+                    "| %.1f%% | %d | %.1f |" % (
             session.meta["client"], version_of(session.meta),
             session.meta["front"], ours["requests"], *extensions(session), cost["direct"], cost["floor"] / cost["direct"],
             cost["proxy"] / cost["direct"], (cost["proxy"] - cost["floor"]) / cost["direct"],
             100.0 * direct["hit"] / max(1, direct["prompt"]), 100.0 * ours["hit"] / max(1, ours["prompt"]),
             100.0 * ours["repeated_chars"] / max(1, direct["repeated_chars"]),
-            100.0 * floor["repeated_chars"] / max(1, direct["repeated_chars"]), failures[0],
+            100.0 * floor["repeated_chars"] / max(1, direct["repeated_chars"]),
+            100.0 * ours["repeated_run_chars"] / max(1, direct["repeated_chars"]), failures[0],
             1000 * ours["pipeline_s"] / max(1, ours["requests"])))
     report.save()
 

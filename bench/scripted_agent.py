@@ -22,7 +22,11 @@ from fake_deepseek import Answer, is_summary_request, summary_answer  # noqa: E4
 TESTS = "python3 -m unittest discover -s tests -q"
 BUG = "        if quantity > threshold:\n"
 FIX = "        if quantity >= threshold:\n"
-# (what, argument...): the plan every client follows; 'edit' changes BUG into FIX
+BUG2 = "        return on_shelves + held\n"  # the second task: reserved units must not count as free
+FIX2 = "        return on_shelves - held\n"
+# (what, argument...): the plan every client follows; ('edit', path, old, new) changes old into new.
+# Two tasks, as an agent session has them: the pricing bug, then the store's reservations (a larger
+# file, read whole and in ranges, edited, read again).
 PLAN = [
     ("list", "."),
     ("read", "README.md"),
@@ -35,7 +39,7 @@ PLAN = [
     ("grep", "price_for"),
     ("read", "inventory/report.py"),
     ("read", "docs/pricing.md"),
-    ("edit", "inventory/pricing.py"),
+    ("edit", "inventory/pricing.py", BUG, FIX),
     ("read", "inventory/pricing.py"),
     ("run", TESTS),
     ("read_range", "tests/test_pricing.py", 1, 20),
@@ -43,8 +47,22 @@ PLAN = [
     ("read", "CHANGELOG.md"),
     ("read", "inventory/pricing.py"),
     ("run", TESTS),
+    ("read", "tests/test_store.py"),
+    ("grep", "def available"),
+    ("read", "inventory/store.py"),
+    ("read_range", "inventory/store.py", 76, 50),
+    ("read", "inventory/models.py"),
+    ("read_range", "inventory/store.py", 110, 16),
+    ("edit", "inventory/store.py", BUG2, FIX2),
+    ("read_range", "inventory/store.py", 76, 50),
+    ("run", TESTS),
+    ("grep", "reserved"),
+    ("read", "inventory/store.py"),
+    ("read_range", "inventory/store.py", 150, 44),
+    ("run", TESTS),
 ]
-DONE = "Fixed: bulk discounts now apply from the threshold (`>=` in inventory/pricing.py); all 19 tests pass."
+DONE = ("Fixed: bulk discounts now apply from the threshold (`>=` in inventory/pricing.py), and reserved units "
+        "no longer count as available (inventory/store.py); all 22 tests pass.")
 
 PATH_NAMES = ("file_path", "filePath", "filepath", "absolute_path", "path", "target_file", "file", "filename", "dir_path", "dirpath",
               "directory", "dir")
@@ -188,18 +206,18 @@ def step_call(step, kinds, root):
     if what == "run":
         return run_call(kinds, root, target)
     if what == "edit":
-        return edit_call(kinds, root, target)
+        return edit_call(kinds, root, target, step[2], step[3])
     raise ValueError(what)
 
 
-def edit_call(kinds, root, path):
+def edit_call(kinds, root, path, bug, fix):
     if "edit" in kinds:
         name, properties, required = kinds["edit"]
         if name == "apply_patch" or "patch" in properties or "input" in properties and not properties.get("old_string"):
-            patch = "*** Begin Patch\n*** Update File: %s\n@@\n-%s+%s*** End Patch\n" % (path, BUG, FIX)
+            patch = "*** Begin Patch\n*** Update File: %s\n@@\n-%s+%s*** End Patch\n" % (path, bug, fix)
             return name, {"input": patch} if "input" in properties or not properties else {"patch": patch}
         if "diff" in properties:  # Cline's replace_in_file: SEARCH/REPLACE blocks
-            diff = "------- SEARCH\n%s=======\n%s+++++++ REPLACE\n" % (BUG, FIX)
+            diff = "------- SEARCH\n%s=======\n%s+++++++ REPLACE\n" % (bug, fix)
             key, value = path_argument(properties, root, path)
             return name, fill_required({key or "path": value, "diff": diff}, properties, required)
         key, value = path_argument(properties, root, path)
@@ -207,13 +225,13 @@ def edit_call(kinds, root, path):
         for old, new in (("old_string", "new_string"), ("oldString", "newString"), ("old_str", "new_str"),
                          ("search", "replace"), ("old_text", "new_text")):
             if old in properties:
-                arguments[old], arguments[new] = BUG.rstrip("\n"), FIX.rstrip("\n")
+                arguments[old], arguments[new] = bug.rstrip("\n"), fix.rstrip("\n")
                 break
         else:
             if "edits" in properties:
-                arguments["edits"] = [{"old_string": BUG.rstrip("\n"), "new_string": FIX.rstrip("\n")}]
+                arguments["edits"] = [{"old_string": bug.rstrip("\n"), "new_string": fix.rstrip("\n")}]
         return name, fill_required(arguments, properties, required)
-    return run_call(kinds, root, "sed -i 's/quantity > threshold/quantity >= threshold/' " + path)
+    return run_call(kinds, root, "sed -i 's/%s/%s/' %s" % (bug.strip(), fix.strip(), path))
 
 
 def tool_results(messages):
@@ -266,6 +284,10 @@ def aider_answer(messages):
     """Aider (no tools: edits as SEARCH/REPLACE blocks in the text). First a wrong fix, so that its
     test run sends the output back; then the right one; then plain answers."""
     history = json.dumps(messages)
+    if "reservation test" in last_user_text(messages) and FIX2.strip() not in history:
+        return Answer(content="Reserved units are held, so they must be subtracted from what is free.\n\n"
+                      "inventory/store.py\n```python\n<<<<<<< SEARCH\n%s=======\n%s>>>>>>> REPLACE\n```\n" % (BUG2, FIX2),
+                      reasoning="Edit with a SEARCH/REPLACE block.")
     if "quantity >= threshold" in history or "# Please fix" in history and history.count("<<<<<<< SEARCH") > 3:
         return Answer(content="The tests pass now: the discount applies from the threshold.", reasoning="Done.")
     tried = history.count("quantity > threshold + 0")

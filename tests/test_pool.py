@@ -80,12 +80,12 @@ class Pool(ProxyTestCase):
 
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.addCleanup(server.server_close)
         self.addCleanup(server.shutdown)
+        proxy = dp_proxy(self, "http://127.0.0.1:%d" % server.server_address[1])
         for chunked in (False, True):
             Upstream.chunked = chunked
-            proxy = dp_proxy(self, "http://127.0.0.1:%d" % server.server_address[1])
             for _ in range(3):
                 status, _, data = proxy.request("POST", "/v1/chat/completions", chat_body(stream=True))
                 self.assertEqual(status, 200)
