@@ -2920,9 +2920,36 @@ def line_opcodes(old, new):
 
 def line_delta(old, new):
     """The zero-context unified diff that turns the lines `old` into `new` exactly; removed runs of
-    more than three lines are named by their size, not repeated."""
+    more than three lines are named by their size, not repeated. Where two changes are only kept
+    apart by a line or two that merely look alike (blank, `---`: shorter than MIN_LINE_CHARS), they
+    are also tried as one change, and the shorter diff is taken (a header put where a file's first
+    lines were is then one change, not three)."""
+    codes = line_opcodes(old, new)
+    plain = render_delta(old, new, codes)
+    merged = merge_weak_gaps(codes, old)
+    if len(merged) == len(codes):
+        return plain
+    joined = render_delta(old, new, merged)
+    return joined if len(joined) < len(plain) else plain
+
+
+def merge_weak_gaps(codes, old, gap=2):
+    """Opcodes with changes that only 1-`gap` short equal lines separate made one change."""
+    merged = []
+    for code in codes:
+        if merged:
+            _tag, i1, i2, j1, j2 = merged[-1]
+            between = old[i2:code[1]]
+            if len(between) <= gap and all(len(line) < MIN_LINE_CHARS for line in between):
+                merged[-1] = ("replace", i1, code[2], j1, code[4])
+                continue
+        merged.append(code)
+    return merged
+
+
+def render_delta(old, new, codes):
     out = []
-    for tag, i1, i2, j1, j2 in line_opcodes(old, new):
+    for _tag, i1, i2, j1, j2 in codes:
         out.append("@@ -%d,%d +%d,%d @@" % (i1 + 1 if i2 > i1 else i1, i2 - i1, j1 + 1 if j2 > j1 else j1, j2 - j1))
         if i2 - i1 <= 3:
             out.extend("-" + line for line in old[i1:i2])

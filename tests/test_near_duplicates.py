@@ -132,6 +132,21 @@ class Deltas(unittest.TestCase):
         for cut in range(1, len(messages)):
             self.assertEqual(dp.dedup_near_duplicates(messages[:cut], ctx()), full[:cut])
 
+    def test_a_header_where_the_first_lines_were_is_one_change(self):
+        # Qwen Code's ranged read_file: "Showing lines 110-125 ...", a blank line, "---" and a blank
+        # line, then the range; against the whole file read earlier, the blank lines must not split
+        # the change into hunks that spell the file's first lines out
+        whole = ['"""A store: items and how many of each are on the shelves, what is reserved for open orders, and',
+                 'the history of every change, from which reorders are suggested."""', "", "import collections",
+                 "import threading", "import time", ""] + code(60).split("\n")
+        ranged = ["Showing lines 20-35 of 67 total lines.", "", "---", ""] + whole[19:35]
+        delta = dp.line_delta(whole, ranged)
+        self.assertEqual(delta.count("@@"), 4, delta)  # two hunks: the header for the head, the tail
+        self.assertNotIn("import collections", delta)
+        self.assertEqual(dp.apply_delta(whole, delta.split("\n")), ranged)
+        self.assertEqual(dp.merge_weak_gaps([("delete", 0, 2, 0, 0), ("insert", 3, 3, 1, 2)], ["a" * 30, "b", ""]),
+                         [("replace", 0, 3, 0, 2)])
+
     def test_matching_is_fast_on_big_and_repetitive_blocks(self):
         big = code(9000)  # ~400K characters
         repetitive = "\n".join(["same line that repeats again and again"] * 10000)
