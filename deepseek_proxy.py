@@ -4643,7 +4643,7 @@ class Exchange:
 class ChatExchange(Exchange):
     """The OpenAI chat-completions front: the identity. DeepSeek's bytes go back unchanged."""
 
-    def __init__(self, body, state, user=None):
+    def __init__(self, body, state, user=None, objects=None):
         self.chat_body, self.notes = body, []
 
     def answer(self, raw, answer, collector):
@@ -4706,9 +4706,12 @@ def anthropic_text(content, notes):
     return "\n".join(pieces)
 
 
-def anthropic_to_chat(body, state):
-    """(chat body, notes) for an Anthropic Messages request."""
-    check_request(body, ANTHROPIC_REQUEST)
+def anthropic_to_chat(body, state, objects=None):
+    """(chat body, notes) for an Anthropic Messages request. With `objects` (the conversation's
+    ObjectMemo), a message translated in an earlier request is taken as it was translated then: the
+    same chat messages, which the stages then find by identity too."""
+    known = (lambda message: objects.get("anthropic", message) is not None) if objects is not None else None
+    check_request(body, ANTHROPIC_REQUEST, known)
     messages = body.get("messages")
     require(isinstance(messages, list) and messages, "'messages' must be a non-empty array.")
     notes, chat = [], []
@@ -4717,6 +4720,12 @@ def anthropic_to_chat(body, state):
         require(isinstance(system, (str, list)), "'system' must be a string or an array of text blocks.")
         chat.append({"role": "system", "content": anthropic_text(system, notes)})
     for index, message in enumerate(messages):
+        translated = objects.get("anthropic", message) if objects is not None else None
+        if translated is not None:
+            chat.extend(translated[0])
+            notes.extend(translated[1])
+            continue
+        first_chat, first_note = len(chat), len(notes)
         require(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
                 "messages[%d] must be an object with role user, assistant or system." % index)
         content = message.get("content")
@@ -4730,6 +4739,8 @@ def anthropic_to_chat(body, state):
             chat.extend(anthropic_user(blocks, index, notes))
         else:
             chat.append(anthropic_assistant(blocks, index, state))
+        if objects is not None:
+            objects.put("anthropic", message, (chat[first_chat:], notes[first_note:]))
     chat_body = {"model": state.config.DEFAULT_MODEL, "messages": chat, "stream": bool(body.get("stream"))}
     tools = []
     for tool in body.get("tools") or ():
@@ -4802,9 +4813,9 @@ def anthropic_assistant(blocks, index, state):
 class AnthropicExchange(Exchange):
     """One Messages request: DeepSeek's answer as Anthropic content blocks and events."""
 
-    def __init__(self, body, state, user=None):
+    def __init__(self, body, state, user=None, objects=None):
         self.state = state
-        self.chat_body, self.notes = anthropic_to_chat(body, state)
+        self.chat_body, self.notes = anthropic_to_chat(body, state, objects)
         self.model = body.get("model") if isinstance(body.get("model"), str) else state.config.DEFAULT_MODEL
         self.id = "msg_" + uuid.uuid4().hex[:24]
         self.block = None  # (kind, index) of the open content block
@@ -5104,7 +5115,7 @@ def responses_to_chat(body, state, tools, notes, user=None):
 class ResponsesExchange(Exchange):
     """One Responses request: DeepSeek's answer as output items and response.* events."""
 
-    def __init__(self, body, state, user=None):
+    def __init__(self, body, state, user=None, objects=None):
         check_request(body, RESPONSES_REQUEST)
         self.state, self.body, self.notes, self.user = state, body, [], user
         self.tools = ResponsesTools(body.get("tools"), self.notes)
@@ -6178,11 +6189,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.state.api_key:
             raise ClientError(401, "The proxy has no DeepSeek API key: set DEEPSEEK_API_KEY or write the key "
                               "into K.dat (see K.dat.example), then restart the proxy.", "missing_api_key")
-        exchange = front.exchange(body, self.state, self.user)
-        self.reserve(exchange.expanded_bytes)
         layout, replaces = self.layout or (None, None)
-        prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user,
-                           objects=ObjectMemo(replaces.objects if replaces is not None else None))
+        objects = ObjectMemo(replaces.objects if replaces is not None else None)
+        exchange = front.exchange(body, self.state, self.user, objects=objects)
+        self.reserve(exchange.expanded_bytes)
+        prepared = prepare(exchange.chat_body, self.state, client_body=body, user=self.user, objects=objects)
         prepared.ctx.notes.extend(exchange.notes)
         if layout is not None:  # the next request of the conversation parses only what it adds
             layout.objects = prepared.ctx.objects

@@ -106,8 +106,9 @@ def percentile(values, fraction):
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def paired(direct, proxied, body, rounds):
-    """Paired (proxy - direct) differences in ms, for the whole answer and the first byte."""
+def paired(direct, proxied, body, rounds, path=None):
+    """Paired (proxy - direct) differences in ms, for the whole answer and the first byte (the
+    proxy's route: `path`, chat completions by default)."""
     data = json.dumps(body).encode()
     direct_times, whole, first = [], [], []
     for _ in range(rounds):
@@ -116,23 +117,28 @@ def paired(direct, proxied, body, rounds):
         results = {}
         for which in order:
             results[which] = (direct.post("/chat/completions", data) if which == 0
-                              else proxied.post("/v1/chat/completions", data))
+                              else proxied.post(path or "/v1/chat/completions", data))
         direct_times.append(results[0][0] * 1000)
         whole.append((results[1][0] - results[0][0]) * 1000)
         first.append((results[1][1] - results[0][1]) * 1000)
     return direct_times, whole, first
 
 
-def growing(direct, proxied, targets=(266000, 1000000), measured=10):
+def growing(direct, proxied, targets=(266000, 1000000), measured=10, anthropic=False):
     """A conversation as agents send it: each request repeats the last one's history and adds a
     round (a tool call and a 110-line file read). Returns {target size: (whole, first byte) paired
-    differences in ms} over the `measured` requests after the body first passes each target."""
+    differences in ms} over the `measured` requests after the body first passes each target. With
+    anthropic=True the same conversation in Anthropic Messages form (Claude Code's), to /v1/messages."""
     generator = random.Random(7)
-    messages = [{"role": "system", "content": "You are a coding agent. Use the tools. " * 40},
+    system = "You are a coding agent. Use the tools. " * 40
+    messages = [{"role": "system", "content": system},
                 {"role": "user", "content": "Find and fix the failing test."}]
     tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
                                                "parameters": {"type": "object",
                                                               "properties": {"path": {"type": "string"}}}}}]
+    if anthropic:
+        messages = messages[1:]
+        tools = [{"name": "read_file", "description": "Read a file", "input_schema": tools[0]["function"]["parameters"]}]
     results, number = {}, 0
     for target in targets:
         whole, first = [], []
@@ -143,11 +149,20 @@ def growing(direct, proxied, targets=(266000, 1000000), measured=10):
             lines = ["    value_%d_%d = compute(%d, %r)  # step %d" % (number, i, generator.randint(0, 999),
                                                                       "x" * generator.randint(0, 12), i)
                      for i in range(110)]
-            messages = messages + [{"role": "assistant", "content": None, "tool_calls": [call]},
-                                   {"role": "tool", "tool_call_id": call["id"], "content": "\n".join(lines)}]
-            body = {"model": "deepseek-v4-flash", "messages": messages, "tools": tools, "stream": True}
+            if anthropic:
+                messages = messages + [
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": call["id"], "name": "read_file",
+                                                       "input": {"path": "src/m%d.py" % number}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                                  "content": "\n".join(lines)}]}]
+                body = {"model": "claude-sonnet-4-5", "messages": messages, "system": system, "tools": tools,
+                        "max_tokens": 32000, "stream": True}
+            else:
+                messages = messages + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                                       {"role": "tool", "tool_call_id": call["id"], "content": "\n".join(lines)}]
+                body = {"model": "deepseek-v4-flash", "messages": messages, "tools": tools, "stream": True}
             size = len(json.dumps(body))
-            _, added_whole, added_first = paired(direct, proxied, body, 1)
+            _, added_whole, added_first = paired(direct, proxied, body, 1, "/v1/messages" if anthropic else None)
             if size >= target:
                 whole += added_whole
                 first += added_first
@@ -197,13 +212,20 @@ def main():
         row(report, "agent request, stream: first byte", big_rounds, streams, True)
         growing_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"), flags + ["--max-context", "100000000"],
                                      key=KEY)
+        anthropic_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"), flags + ["--max-context", "100000000"],
+                                       key=KEY)
         try:
             grown = growing(direct, Client(growing_proxy.port), measured=5 if args.quick else 20)
+            grown_anthropic = growing(direct, Client(anthropic_proxy.port), targets=(1000000,),
+                                      measured=5 if args.quick else 20, anthropic=True)
         finally:
             growing_proxy.stop()
-        for target, (whole, first) in grown.items():
-            report.line("| growing conversation at %dK chars (a round per request), stream: whole | %d | - | **%.2f** | "
-                        "%.2f |" % (target // 1000, len(whole), statistics.median(whole), percentile(whole, 0.95)))
+            anthropic_proxy.stop()
+        for label, results in (("", grown), (", Anthropic Messages front", grown_anthropic)):
+            for target, (whole, first) in results.items():
+                report.line("| growing conversation at %dK chars (a round per request)%s, stream: whole | %d | - | "
+                            "**%.2f** | %.2f |" % (target // 1000, label, len(whole), statistics.median(whole),
+                                                   percentile(whole, 0.95)))
         fresh = paired(Client(upstream.server_address[1], False), Client(small_proxy.port, False), small, small_rounds // 2)
         row(report, "one-line chat, new client connection each time", small_rounds // 2, fresh, False)
         # What the kept-open pool saves when opening a connection costs a handshake
