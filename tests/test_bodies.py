@@ -3,6 +3,7 @@ parse_body): the same value json.loads gives, the repeated messages shared as th
 nothing in the proxy changes a parsed body in place (later requests reuse it)."""
 
 import copy
+import gc
 import gzip
 import json
 import os
@@ -73,8 +74,8 @@ class ParseBody(unittest.TestCase):
             raw = json.dumps(chat_body(messages=[{"role": "user", "content": "%d " % number * 50}])).encode()
             bodies.keep(parsed(raw)[0])
         self.assertLessEqual(len(bodies._items), dp.RecentBodies.ENTRIES)
-        self.assertLessEqual(sum(len(layout.raw) for layout in bodies._items), 10000)
-        huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 20000}])).encode()
+        self.assertLessEqual(sum(dp.RecentBodies.WEIGHT * len(layout.raw) for layout in bodies._items), 10000)
+        huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 4000}])).encode()
         bodies.keep(parsed(huge)[0])
         self.assertNotIn(huge, [layout.raw for layout in bodies._items])
 
@@ -149,6 +150,12 @@ class ThroughTheProxy(ProxyTestCase):
         self.assertEqual(len(kept), 1, "each answered request replaces the one it extended")
         self.assertEqual(len(kept[0].body["messages"]), 8)  # the system prompt, 4 questions, 3 answers
         self.assertEqual(self.fake.requests[-1]["messages"][-1]["content"], "question 3 \u00e9")
+
+    def test_an_idle_kept_open_connection_holds_no_body(self):
+        self.growing(self.proxy, 2)  # helpers' client keeps its connection open
+        handlers = [item for item in gc.get_objects() if isinstance(item, dp.ProxyHandler)]
+        self.assertTrue(handlers)
+        self.assertEqual([handler.layout for handler in handlers], [None] * len(handlers))
 
     def test_refused_requests_and_explain_keep_nothing(self):
         self.fake.failures.append(("status", 400, {"error": {"message": "no", "type": "invalid_request_error"}}))
