@@ -71,13 +71,15 @@ class ParseBody(unittest.TestCase):
     def test_bounded_in_bytes_and_count(self):
         bodies = dp.RecentBodies(10000)
         for number in range(40):
-            raw = json.dumps(chat_body(messages=[{"role": "user", "content": "%d " % number * 50}])).encode()
+            raw = json.dumps(chat_body(messages=[{"role": "user", "content": "%d " % number * 20}])).encode()
             bodies.keep(parsed(raw)[0])
         self.assertLessEqual(len(bodies._items), dp.RecentBodies.ENTRIES)
-        self.assertLessEqual(sum(dp.RecentBodies.WEIGHT * len(layout.raw) for layout in bodies._items), 10000)
-        huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 4000}])).encode()
-        bodies.keep(parsed(huge)[0])
-        self.assertNotIn(huge, [layout.raw for layout in bodies._items])
+        self.assertLessEqual(sum(bodies.weight(layout) for layout in bodies._items), 10000)
+        huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 3000}])).encode()
+        many = json.dumps(chat_body(messages=[{"role": "user", "content": "x"}] * 4)).encode()  # 2.5 KB each
+        for raw in (huge, many):
+            bodies.keep(parsed(raw)[0])
+            self.assertNotIn(raw, [layout.raw for layout in bodies._items])
 
 
 SHAPES = ("claude", "codex", "opencode", "cline", "aider")  # one client per front and per unusual shape
