@@ -6312,6 +6312,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                    [layout.depths[-1] + 2 if layout.depths else 2]) > limit:
                 raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
                                   "invalid_json")
+            self.reserve_items(len(layout.ends))
             if _SURROGATE_ESCAPE.search(raw, new):
                 return without_lone_surrogates(body)
             self.layout = (layout, previous and previous[0])
@@ -6325,7 +6326,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if body is None and raw.strip() != b"null" or too_deep(raw, body, limit):
             raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
                               "invalid_json")
+        if isinstance(body, dict):
+            self.reserve_items(max(len(body.get(key)) if isinstance(body.get(key), list) else 0 for key in HISTORY_KEYS))
         return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
+
+    def reserve_items(self, count):
+        """A history of many small items weighs far more in memory than its bytes (each message's
+        objects and per-message results, RecentBodies.PER_ITEM): counted in flight too."""
+        self.reserve(RecentBodies.PER_ITEM * count)
 
     def reserve(self, size):
         """Count `size` more bytes against --max-body-bytes-in-flight for this request; 503 when the

@@ -82,6 +82,14 @@ class MemoryOfRequestsThatCostNothing(ProxyTestCase):
         self.assertEqual(handover.take("a"), 1)
         self.assertEqual(handover.bytes, 0)
 
+    def test_many_tiny_messages_count_by_what_they_expand_to(self):
+        # 3,000 two-character messages are 100 KB of JSON but megabytes of objects in memory
+        proxy = self.start_proxy(["--max-body-bytes-in-flight", str(4 * 1024 * 1024)])
+        tiny = [{"role": "user", "content": "x%d" % (i % 10)} for i in range(3000)]
+        status, _, answer = proxy.chat({"model": "m", "messages": tiny})
+        self.assertEqual(status, 503, answer)
+        self.assertEqual(proxy.chat({"model": "m", "messages": tiny[:300]})[0], 200)
+
     def test_a_stored_history_counts_in_flight(self):
         proxy = self.start_proxy(["--max-body-bytes-in-flight", str(1536 * 1024), "--client-timeout", "30"])
         big = "y" * (1200 * 1024)
