@@ -4011,7 +4011,10 @@ def check_request(body, shape, known=None):
         raise ClientError(400, "The request body must be a JSON object.")
     if "messages" in shape and (not isinstance(body.get("messages"), list) or not body["messages"]):
         raise ClientError(400, "'messages' must be a non-empty array.", "missing_messages")
-    view = dict(body, messages=[m for m in body["messages"] if not known(m)]) if known else body
+    view = body
+    if known:
+        view = dict(body, **{key: [item for item in body[key] if not known(item)] for key in HISTORY_KEYS
+                             if key in shape and isinstance(body.get(key), list)})
     if not SHAPE_TESTS[id(shape)](view):
         check_shape(body, shape, "body")  # names the field
 
@@ -5048,9 +5051,13 @@ class ResponsesTools:
         return item
 
 
-def responses_to_chat(body, state, tools, notes, user=None):
+def responses_to_chat(body, state, tools, notes, user=None, objects=None):
     """The chat messages for a Responses request: instructions, the stored history of
-    previous_response_id, then the input items; and the bytes that stored history weighs."""
+    previous_response_id, then the input items; and the bytes that stored history weighs. With
+    `objects` (the conversation's ObjectMemo), an item translated in an earlier request is taken as
+    it was then: what it added to the history, the assistant turn it left open, its notes. The
+    earlier items are then the same objects in the same order (RecentBodies), so the open turn it
+    met is the same too."""
     messages = []
     instructions = body.get("instructions")
     if instructions:
@@ -5078,54 +5085,80 @@ def responses_to_chat(body, state, tools, notes, user=None):
             turn.clear()
 
     for index, item in enumerate(items):
-        require(isinstance(item, dict), "input[%d] must be an object." % index)
-        kind = item.get("type") or ("message" if "role" in item else None)
-        if kind == "message":
-            role = item.get("role")
-            require(role in ("user", "assistant", "system", "developer"),
-                    "input[%d].role must be user, assistant, system or developer." % index)
-            text = responses_text(item.get("content"), notes)
-            if role == "assistant":
-                if turn.get("content") is not None or turn.get("tool_calls"):
-                    flush()
-                turn["content"] = (turn.get("content") or "") + text
-            else:
-                flush()
-                history.append({"role": role, "content": text})
-        elif kind == "reasoning":
-            if turn:
-                flush()
-            reasoning = unseal(state, item.get("encrypted_content"))
-            if reasoning is not None:
-                turn["reasoning_content"] = reasoning
-        elif kind in ("function_call", "custom_tool_call"):
-            require(isinstance(item.get("call_id"), str) and isinstance(item.get("name"), str),
-                    "input[%d] needs call_id and name." % index)
-            name = tools.flat(item["name"], item.get("namespace"))
-            arguments = item.get("arguments") if kind == "function_call" else \
-                json.dumps({"input": item.get("input", "")}, ensure_ascii=False)
-            turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
-                "name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            require(isinstance(item.get("call_id"), str), "input[%d] needs call_id." % index)
-            flush()
-            output = item.get("output")
-            history.append({"role": "tool", "tool_call_id": item["call_id"],
-                            "content": output if isinstance(output, str) else responses_text(output, notes)})
-        else:
-            notes.append("input item %s dropped" % str(kind)[:40])
+        translated = objects.get("responses", item) if objects is not None else None
+        if translated is not None:
+            added, left_open, added_notes = translated
+            history.extend(added)
+            notes.extend(added_notes)
+            turn.clear()
+            turn.update(open_turn(left_open))
+            continue
+        first_message, first_note = len(history), len(notes)
+        translate_item(item, index, state, tools, notes, history, turn, flush)
+        if objects is not None:
+            objects.put("responses", item, (history[first_message:], open_turn(turn), notes[first_note:]))
     flush()
     return messages, history, stored_bytes
+
+
+def open_turn(turn):
+    """A copy of an assistant turn being gathered, its tool calls in a list of its own."""
+    copy = dict(turn)
+    if "tool_calls" in copy:
+        copy["tool_calls"] = list(copy["tool_calls"])
+    return copy
+
+
+def translate_item(item, index, state, tools, notes, history, turn, flush):
+    """One Responses input item into the chat history (responses_to_chat)."""
+    require(isinstance(item, dict), "input[%d] must be an object." % index)
+    kind = item.get("type") or ("message" if "role" in item else None)
+    if kind == "message":
+        role = item.get("role")
+        require(role in ("user", "assistant", "system", "developer"),
+                "input[%d].role must be user, assistant, system or developer." % index)
+        text = responses_text(item.get("content"), notes)
+        if role == "assistant":
+            if turn.get("content") is not None or turn.get("tool_calls"):
+                flush()
+            turn["content"] = (turn.get("content") or "") + text
+        else:
+            flush()
+            history.append({"role": role, "content": text})
+    elif kind == "reasoning":
+        if turn:
+            flush()
+        reasoning = unseal(state, item.get("encrypted_content"))
+        if reasoning is not None:
+            turn["reasoning_content"] = reasoning
+    elif kind in ("function_call", "custom_tool_call"):
+        require(isinstance(item.get("call_id"), str) and isinstance(item.get("name"), str),
+                "input[%d] needs call_id and name." % index)
+        name = tools.flat(item["name"], item.get("namespace"))
+        arguments = item.get("arguments") if kind == "function_call" else \
+            json.dumps({"input": item.get("input", "")}, ensure_ascii=False)
+        turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
+            "name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        require(isinstance(item.get("call_id"), str), "input[%d] needs call_id." % index)
+        flush()
+        output = item.get("output")
+        history.append({"role": "tool", "tool_call_id": item["call_id"],
+                        "content": output if isinstance(output, str) else responses_text(output, notes)})
+    else:
+        notes.append("input item %s dropped" % str(kind)[:40])
 
 
 class ResponsesExchange(Exchange):
     """One Responses request: DeepSeek's answer as output items and response.* events."""
 
     def __init__(self, body, state, user=None, objects=None):
-        check_request(body, RESPONSES_REQUEST)
+        check_request(body, RESPONSES_REQUEST,
+                      (lambda item: objects.get("responses", item) is not None) if objects is not None else None)
         self.state, self.body, self.notes, self.user = state, body, [], user
         self.tools = ResponsesTools(body.get("tools"), self.notes)
-        instructions, self.history, self.expanded_bytes = responses_to_chat(body, state, self.tools, self.notes, user)
+        instructions, self.history, self.expanded_bytes = responses_to_chat(body, state, self.tools, self.notes, user,
+                                                                            objects)
         require(instructions or self.history, "'input' must not be empty.")
         self.chat_body = {"model": state.config.DEFAULT_MODEL, "messages": instructions + self.history,
                           "stream": bool(body.get("stream"))}

@@ -124,11 +124,11 @@ def paired(direct, proxied, body, rounds, path=None):
     return direct_times, whole, first
 
 
-def growing(direct, proxied, targets=(266000, 1000000), measured=10, anthropic=False):
+def growing(direct, proxied, targets=(266000, 1000000), measured=10, front="chat"):
     """A conversation as agents send it: each request repeats the last one's history and adds a
     round (a tool call and a 110-line file read). Returns {target size: (whole, first byte) paired
     differences in ms} over the `measured` requests after the body first passes each target. With
-    anthropic=True the same conversation in Anthropic Messages form (Claude Code's), to /v1/messages."""
+    front "anthropic" or "responses", the same conversation in that API's form (Claude Code's, Codex's)."""
     generator = random.Random(7)
     system = "You are a coding agent. Use the tools. " * 40
     messages = [{"role": "system", "content": system},
@@ -136,9 +136,12 @@ def growing(direct, proxied, targets=(266000, 1000000), measured=10, anthropic=F
     tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
                                                "parameters": {"type": "object",
                                                               "properties": {"path": {"type": "string"}}}}}]
-    if anthropic:
+    if front == "anthropic":
         messages = messages[1:]
         tools = [{"name": "read_file", "description": "Read a file", "input_schema": tools[0]["function"]["parameters"]}]
+    elif front == "responses":
+        messages = [{"type": "message", "role": "user", "content": messages[1]["content"]}]
+        tools = [dict(tools[0]["function"], type="function")]
     results, number = {}, 0
     for target in targets:
         whole, first = [], []
@@ -149,7 +152,14 @@ def growing(direct, proxied, targets=(266000, 1000000), measured=10, anthropic=F
             lines = ["    value_%d_%d = compute(%d, %r)  # step %d" % (number, i, generator.randint(0, 999),
                                                                       "x" * generator.randint(0, 12), i)
                      for i in range(110)]
-            if anthropic:
+            if front == "responses":
+                messages = messages + [
+                    {"type": "function_call", "call_id": call["id"], "name": "read_file",
+                     "arguments": call["function"]["arguments"]},
+                    {"type": "function_call_output", "call_id": call["id"], "output": "\n".join(lines)}]
+                body = {"model": "gpt-5", "instructions": system, "input": messages, "tools": tools,
+                        "store": False, "stream": True}
+            elif front == "anthropic":
                 messages = messages + [
                     {"role": "assistant", "content": [{"type": "tool_use", "id": call["id"], "name": "read_file",
                                                        "input": {"path": "src/m%d.py" % number}}]},
@@ -162,7 +172,8 @@ def growing(direct, proxied, targets=(266000, 1000000), measured=10, anthropic=F
                                        {"role": "tool", "tool_call_id": call["id"], "content": "\n".join(lines)}]
                 body = {"model": "deepseek-v4-flash", "messages": messages, "tools": tools, "stream": True}
             size = len(json.dumps(body))
-            _, added_whole, added_first = paired(direct, proxied, body, 1, "/v1/messages" if anthropic else None)
+            _, added_whole, added_first = paired(direct, proxied, body, 1, {"anthropic": "/v1/messages",
+                                                                             "responses": "/v1/responses"}.get(front))
             if size >= target:
                 whole += added_whole
                 first += added_first
@@ -212,16 +223,20 @@ def main():
         row(report, "agent request, stream: first byte", big_rounds, streams, True)
         growing_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"), flags + ["--max-context", "100000000"],
                                      key=KEY)
-        anthropic_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"), flags + ["--max-context", "100000000"],
-                                       key=KEY)
+        grown = {}
         try:
-            grown = growing(direct, Client(growing_proxy.port), measured=5 if args.quick else 20)
-            grown_anthropic = growing(direct, Client(anthropic_proxy.port), targets=(1000000,),
-                                      measured=5 if args.quick else 20, anthropic=True)
+            grown[""] = growing(direct, Client(growing_proxy.port), measured=5 if args.quick else 20)
+            for front, label in (("anthropic", ", Anthropic Messages front"), ("responses", ", Responses front")):
+                front_proxy = ProxyProcess(url, tempfile.mkdtemp(prefix="overhead-"),
+                                           flags + ["--max-context", "100000000"], key=KEY)
+                try:
+                    grown[label] = growing(direct, Client(front_proxy.port), targets=(1000000,),
+                                           measured=5 if args.quick else 20, front=front)
+                finally:
+                    front_proxy.stop()
         finally:
             growing_proxy.stop()
-            anthropic_proxy.stop()
-        for label, results in (("", grown), (", Anthropic Messages front", grown_anthropic)):
+        for label, results in grown.items():
             for target, (whole, first) in results.items():
                 report.line("| growing conversation at %dK chars (a round per request)%s, stream: whole | %d | - | "
                             "**%.2f** | %.2f |" % (target // 1000, label, len(whole), statistics.median(whole),

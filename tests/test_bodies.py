@@ -82,7 +82,53 @@ class ParseBody(unittest.TestCase):
             self.assertNotIn(raw, [layout.raw for layout in bodies._items])
 
 
-SHAPES = ("claude", "codex", "opencode", "cline", "aider")  # one client per front and per unusual shape
+SHAPES = ("claude", "codex", "opencode", "opencode-responses", "cline", "aider")  # each front, unusual shapes
+
+
+def resumed_translations(test, front, bodies):
+    """Each body parsed from the last one kept and translated with the memo its request left, as the
+    handler does; each translation must equal a fresh one."""
+    state = dp.ProxyState(dp.Config(), persist=False, api_key="k")
+    for body in bodies:
+        raw = json.dumps(body).encode()
+        layout, previous = parsed(raw, state.bodies)
+        objects = dp.ObjectMemo(previous[0].objects if previous else None)
+        exchange = front.exchange(layout.body, state, objects=objects)
+        test.assertEqual(exchange.chat_body, front.exchange(json.loads(raw), state).chat_body)
+        layout.objects = objects
+        state.bodies.keep(layout, previous and previous[0])
+
+
+class ResumedTranslation(unittest.TestCase):
+    def test_responses_items_grouped_into_turns_resume_anywhere(self):
+        items = [{"type": "message", "role": "user", "content": "fix it"},
+                 {"type": "reasoning", "summary": [], "encrypted_content": "x"},
+                 {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]},
+                 {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{\"cmd\": \"ls\"}"},
+                 {"type": "function_call", "call_id": "c2", "name": "shell", "arguments": "{\"cmd\": \"pwd\"}"},
+                 {"type": "function_call_output", "call_id": "c1", "output": "a\nb"},
+                 {"type": "function_call_output", "call_id": "c2", "output": "/w"},
+                 {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done."}]},
+                 {"type": "message", "role": "user", "content": "thanks"}]
+        # one item more each request (a turn left open at every possible point), then an edited last item
+        bodies = [{"model": "m", "input": items[:count], "stream": True} for count in range(1, len(items) + 1)]
+        bodies.append({"model": "m", "input": items[:-1] + [{"type": "message", "role": "user", "content": "again"}]})
+        # a history cut inside the open turn, going on differently: the turn as it was after item 4
+        bodies.append({"model": "m", "input": items[:4] + [
+            {"type": "function_call", "call_id": "c3", "name": "shell", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "a"},
+            {"type": "function_call_output", "call_id": "c3", "output": "b"}]})
+        resumed_translations(self, dp.ResponsesFront, bodies)
+
+    def test_anthropic_messages_resume(self):
+        turns = [{"role": "user", "content": "fix it"},
+                 {"role": "assistant", "content": [{"type": "text", "text": "Looking."},
+                                                   {"type": "tool_use", "id": "t1", "name": "Read", "input": {"p": 1}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"},
+                                              {"type": "text", "text": "and?"}]},
+                 {"role": "assistant", "content": "Done."}]
+        resumed_translations(self, dp.AnthropicFront, [{"model": "m", "max_tokens": 5, "messages": turns[:count]}
+                                                       for count in (1, 1, 3, 4)])
 
 
 def recorded(name):
@@ -119,8 +165,7 @@ class RecordedBodies(unittest.TestCase):
                 # as the handler does: the request works on a memo resumed from the body it extends
                 objects = dp.ObjectMemo(previous[0].objects if previous else None)
                 exchange = front.exchange(layout.body, state, objects=objects)
-                if front is not dp.ResponsesFront:  # (a Responses body names stored responses: translated once)
-                    self.assertEqual(exchange.chat_body, front.exchange(json.loads(raw), state).chat_body, name)
+                self.assertEqual(exchange.chat_body, front.exchange(json.loads(raw), state).chat_body, name)
                 prepared = dp.prepare(exchange.chat_body, state, client_body=layout.body, objects=objects)
                 layout.objects = objects
                 collector = dp.AnswerCollector()
