@@ -940,15 +940,16 @@ class ObjectMemo:
 
     def get(self, name, item):
         """The result remembered under `name` for this very object, or None."""
-        table = self.tables.get(name)
-        if table is None:
-            table = self.tables[name] = {}
-        entry = table.get(id(item))
+        key, table = id(item), self.tables.get(name)
+        if table is not None:
+            entry = table.get(key)
+            if entry is not None and entry[0] is item:
+                return entry[1]
+        earlier = self.earlier.get(name)
+        entry = earlier.get(key) if earlier is not None else None
         if entry is None or entry[0] is not item:
-            entry = self.earlier.get(name, {}).get(id(item))
-            if entry is None or entry[0] is not item:
-                return None
-            table[id(item)] = entry
+            return None
+        (table if table is not None else self.tables.setdefault(name, {}))[key] = entry
         return entry[1]
 
     def put(self, name, item, value):
