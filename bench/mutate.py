@@ -55,6 +55,15 @@ MUTANTS = [
      r'if total > (config\.)?MAX_ANSWER_BYTES:', r'if total > 1000 * \1MAX_ANSWER_BYTES:'),
     ("another user's file is read",
      r'\n        if own:\n            check_own_file\(handle\.fileno\(\), path\)', '\n        pass'),
+    ("a resumed parse takes the members before the history from the last body, not as parsed there",
+     r'body\.update\(old\.head\)', 'body.update({k: v for k, v in old.body.items() if k != old.key})'),
+    ("a Responses turn left open shares its tool-call list with the live turn",
+     r'copy\["tool_calls"\] = list\(copy\["tool_calls"\]\)', 'pass'),
+    ("an idle kept-open connection keeps its last body",
+     r'self\.reserved, self\.layout = 0, None', 'self.reserved = 0'),
+    ("a kept body is weighed by its bytes only",
+     r'return self\.WEIGHT \* len\(layout\.raw\) \+ self\.PER_ITEM \* len\(layout\.ends\)',
+     'return self.WEIGHT * len(layout.raw)'),
 ]
 
 
