@@ -587,7 +587,7 @@ def parse_body(raw, text, previous=None, user=None):
 
 
 class RecentBodies:
-    """The last request bodies DeepSeek accepted (bounded by count and bytes), kept so that the next
+    """The last request bodies DeepSeek accepted (bounded by count and weight), kept so that the next
     request of a conversation, which repeats one of them up to some message, is parsed only from
     there: its repeated messages are then the same objects as before, which every per-text memo finds
     without hashing again. Kept per team key; a body is kept only once its request was answered."""
