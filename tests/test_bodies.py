@@ -3,11 +3,11 @@ parse_body): the same value json.loads gives, the repeated messages shared as th
 nothing in the proxy changes a parsed body in place (later requests reuse it)."""
 
 import copy
-import gc
 import gzip
 import json
 import os
 import unittest
+from unittest import mock
 
 from helpers import ProxyTestCase, ROOT, chat_body, wait_for
 import deepseek_proxy as dp
@@ -199,8 +199,9 @@ class ThroughTheProxy(ProxyTestCase):
         self.assertEqual(self.fake.requests[-1]["messages"][-1]["content"], "question 3 \u00e9")
 
     def test_an_idle_kept_open_connection_holds_no_body(self):
-        self.growing(self.proxy, 2)  # helpers' client keeps its connection open
-        handlers = [item for item in gc.get_objects() if isinstance(item, dp.ProxyHandler)]
+        handlers, setup = [], dp.ProxyHandler.setup
+        with mock.patch.object(dp.ProxyHandler, "setup", lambda handler: (handlers.append(handler), setup(handler))):
+            self.growing(self.proxy, 2)  # helpers' client keeps its connection open
         self.assertTrue(handlers)
         # the handler lets go once the request is over, which is just after its answer's last bytes
         self.assertTrue(wait_for(lambda: all(handler.layout is None for handler in handlers)))
