@@ -95,6 +95,8 @@ class MemoryOfRequestsThatCostNothing(ProxyTestCase):
         big = "y" * (1200 * 1024)
         status, _, first = proxy.chat({"model": "m", "input": big}, path="/v1/responses")
         self.assertEqual(status, 200)
+        # the first request's body is counted until its handler ends, just after its answer went out
+        self.assertTrue(wait_for(lambda: proxy.server.body_bytes == 0))
         size = 1024 * 1024
         hold = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         self.addCleanup(hold.close)
