@@ -6338,14 +6338,15 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except UnicodeDecodeError:
             raise ClientError(400, "The request body is not valid UTF-8.")
         limit = self.config.MAX_JSON_DEPTH
+        too_deep_error = ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
+                                     "invalid_json")
         previous = self.state.bodies.match(raw, self.user)
         layout = parse_body(raw, text, previous, self.user)
         if layout is not None:  # parsed from where the conversation's last request left off
             body, new = layout.body, (layout.ends[previous[1] - 1][0] if previous else 0)
             if max([json_depth(value) + 1 for key, value in body.items() if key != layout.key] +
                    [layout.depths[-1] + 2 if layout.depths else 2]) > limit:
-                raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
-                                  "invalid_json")
+                raise too_deep_error
             self.reserve_items(len(layout.ends))
             if _SURROGATE_ESCAPE.search(raw, new):
                 return without_lone_surrogates(body)
@@ -6358,10 +6359,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except ValueError as error:
             raise ClientError(400, "The request body is not valid JSON: %s." % error, "invalid_json")
         if body is None and raw.strip() != b"null" or too_deep(raw, body, limit):
-            raise ClientError(400, "The request body nests arrays or objects more than %d deep." % limit,
-                              "invalid_json")
+            raise too_deep_error
         if isinstance(body, dict):
-            self.reserve_items(max(len(body.get(key)) if isinstance(body.get(key), list) else 0 for key in HISTORY_KEYS))
+            self.reserve_items(max(len(body[key]) if isinstance(body.get(key), list) else 0 for key in HISTORY_KEYS))
         return without_lone_surrogates(body) if _SURROGATE_ESCAPE.search(raw) else body
 
     def reserve_items(self, count):
